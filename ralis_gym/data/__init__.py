@@ -2,6 +2,14 @@
 
 from ralis_gym.data.base import DatasetInfo, SegmentationSplit, read_image, read_label
 from ralis_gym.data.camvid import CAMVID_INFO, CamVid, camvid_ralis_splits
+from ralis_gym.data.cityscapes import (
+    CITYSCAPES_INFO,
+    CITYSCAPES_LUT,
+    Cityscapes,
+    check_region_tiling,
+    cityscapes_role_names,
+)
+from ralis_gym.data.custom import CustomDataset, CustomDatasetConfig, load_custom_config
 from ralis_gym.data.dataset import (
     AL_ROLES,
     SegmentationDataset,
@@ -14,11 +22,19 @@ from ralis_gym.data.dataset import (
 __all__ = [
     "AL_ROLES",
     "CAMVID_INFO",
+    "CITYSCAPES_INFO",
+    "CITYSCAPES_LUT",
     "CamVid",
+    "Cityscapes",
+    "CustomDataset",
+    "CustomDatasetConfig",
     "DatasetInfo",
     "SegmentationDataset",
     "SegmentationSplit",
     "camvid_ralis_splits",
+    "check_region_tiling",
+    "cityscapes_role_names",
+    "load_custom_config",
     "load_dataset",
     "read_image",
     "read_label",

@@ -99,8 +99,7 @@ class SegmentationSplit:
         missing = [n for n in names if n not in position]
         if missing:
             raise DatasetError(
-                f"split {name!r} names {len(missing)} image(s) absent from {self.name!r}, "
-                f"e.g. {missing[:3]}"
+                f"split {name!r} names {len(missing)} image(s) absent from {self.name!r}, e.g. {missing[:3]}"
             )
         return self.subset([position[n] for n in names], name=name)
 
@@ -157,16 +156,21 @@ def decode_pairs(
     label_map: LabelMapper | None = None,
     desc: str = "decoding",
     check_size: bool = True,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode (image, label) file pairs into stacked uint8 arrays, validating every file.
 
     Checks: both files decode, image and label sizes agree (and equal ``info.image_size`` when
     ``check_size``), and every label value is a class id or the ignore id (after ``label_map``).
+    ``out`` receives the arrays (shapes ``[n, H, W, 3]`` and ``[n, H, W]``) instead of new ones.
     """
     width, height = info.image_size
     n = len(pairs)
-    images = np.empty((n, height, width, 3), dtype=np.uint8)
-    labels = np.empty((n, height, width), dtype=np.uint8)
+    if out is None:
+        images = np.empty((n, height, width, 3), dtype=np.uint8)
+        labels = np.empty((n, height, width), dtype=np.uint8)
+    else:  # e.g. memory-mapped cache files, so a large split never has to fit in RAM
+        images, labels = out
     valid = np.zeros(256, dtype=bool)
     valid[: info.num_classes] = True
     valid[info.ignore_index] = True
@@ -224,13 +228,25 @@ def cached_decode(
             return np.load(img_file, mmap_mode="r"), np.load(lab_file, mmap_mode="r")
         except (ValueError, OSError):
             pass  # a half-written cache from a killed process: decode again
-    images, labels = decode_pairs(pairs, info, label_map, desc=f"{info.name}/{split_name}")
+    width, height = info.image_size
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for arr, target in ((images, img_file), (labels, lab_file)):
-            tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, target)
-    except OSError:
-        pass  # read-only cache: work from memory
-    return images, labels
+        tmp_img = img_file.with_suffix(f".tmp{os.getpid()}.npy")
+        tmp_lab = lab_file.with_suffix(f".tmp{os.getpid()}.npy")
+        out = (
+            np.lib.format.open_memmap(tmp_img, "w+", np.uint8, (len(pairs), height, width, 3)),
+            np.lib.format.open_memmap(tmp_lab, "w+", np.uint8, (len(pairs), height, width)),
+        )
+    except OSError:  # read-only cache: work from memory
+        return decode_pairs(pairs, info, label_map, desc=f"{info.name}/{split_name}")
+    try:
+        decode_pairs(pairs, info, label_map, desc=f"{info.name}/{split_name}", out=out)
+        for arr in out:
+            arr.flush()
+        del out
+        os.replace(tmp_img, img_file)
+        os.replace(tmp_lab, lab_file)
+    finally:
+        for tmp in (tmp_img, tmp_lab):
+            tmp.unlink(missing_ok=True)
+    return np.load(img_file, mmap_mode="r"), np.load(lab_file, mmap_mode="r")

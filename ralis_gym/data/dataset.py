@@ -156,7 +156,9 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, **kwargs
         from ralis_gym.data.custom import CustomDataset
 
         return CustomDataset(name, **kwargs)
-    raise DatasetError(f"unknown dataset {name!r}; registered: {sorted(_REGISTRY)} or a custom dataset YAML path")
+    raise DatasetError(
+        f"unknown dataset {name!r}; registered: {sorted(_REGISTRY)} or a custom dataset YAML path"
+    )
 
 
 def registered_datasets() -> list[str]:

@@ -1,0 +1,96 @@
+"""Segmentation metrics from one confusion matrix accumulated over a whole split.
+
+Absent-class policy: a class that appears neither in the ground truth nor in the prediction has
+an undefined IoU (0/0). Its IoU is reported as NaN and it is left out of the mean, so mIoU is the
+mean over the classes that occur. (The reference code's ``np.mean`` turns the whole mIoU into NaN
+instead.) If no class occurs at all, mIoU is 0.0. A class present in the ground truth but never
+predicted has IoU 0, and a class predicted but absent from the ground truth also has IoU 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(
+    pred: torch.Tensor | np.ndarray,
+    target: torch.Tensor | np.ndarray,
+    num_classes: int,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Confusion counts ``[C, C]`` (rows = ground truth, columns = prediction), ignore pixels excluded.
+
+    ``pred`` and ``target`` are integer arrays of the same shape; computed with one ``bincount``.
+    """
+    pred_t = torch.as_tensor(pred)
+    target_t = torch.as_tensor(target, device=pred_t.device)
+    if pred_t.shape != target_t.shape:
+        raise ValueError(f"prediction shape {tuple(pred_t.shape)} != target shape {tuple(target_t.shape)}")
+    target_t = target_t.reshape(-1).long()
+    pred_t = pred_t.reshape(-1).long()
+    keep = target_t != ignore_index
+    if not bool(keep.all()):
+        target_t, pred_t = target_t[keep], pred_t[keep]
+    if target_t.numel() and (int(target_t.max()) >= num_classes or int(target_t.min()) < 0):
+        raise ValueError(f"target holds ids outside 0..{num_classes - 1} and ignore id {ignore_index}")
+    if pred_t.numel() and (int(pred_t.max()) >= num_classes or int(pred_t.min()) < 0):
+        raise ValueError(f"prediction holds ids outside 0..{num_classes - 1}")
+    flat = target_t * num_classes + pred_t
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+@dataclass(frozen=True)
+class SegmentationMetrics:
+    """Per-class IoU, mIoU and pixel accuracy derived from a confusion matrix (see module doc)."""
+
+    confusion: np.ndarray  # int64 [C, C], rows = ground truth
+
+    @classmethod
+    def from_confusion(cls, confusion: torch.Tensor | np.ndarray) -> SegmentationMetrics:
+        cm = (
+            confusion.detach().cpu().numpy() if isinstance(confusion, torch.Tensor) else np.asarray(confusion)
+        )
+        return cls(cm.astype(np.int64))
+
+    @property
+    def num_classes(self) -> int:
+        return self.confusion.shape[0]
+
+    @property
+    def iou(self) -> np.ndarray:
+        """IoU per class, NaN for classes absent from both ground truth and prediction."""
+        tp = np.diag(self.confusion).astype(np.float64)
+        union = self.confusion.sum(0) + self.confusion.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+    @property
+    def miou(self) -> float:
+        iou = self.iou
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+
+    @property
+    def pixel_accuracy(self) -> float:
+        total = self.confusion.sum()
+        return float(np.trace(self.confusion) / total) if total else 0.0
+
+    @property
+    def class_accuracy(self) -> np.ndarray:
+        """Recall per class (NaN where the class is absent from the ground truth)."""
+        gt = self.confusion.sum(1).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(gt > 0, np.diag(self.confusion) / np.maximum(gt, 1), np.nan)
+
+    def to_dict(self, class_names: tuple[str, ...] | None = None) -> dict:
+        names = class_names or tuple(str(i) for i in range(self.num_classes))
+        return {
+            "miou": self.miou,
+            "pixel_accuracy": self.pixel_accuracy,
+            "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, self.iou)},
+        }
+
+    def __add__(self, other: SegmentationMetrics) -> SegmentationMetrics:
+        return SegmentationMetrics(self.confusion + other.confusion)
