@@ -1,0 +1,77 @@
+"""Which regions of my unlabeled images should be annotated next? Writes a ranked queue and overlays.
+
+    python examples/suggest_regions.py --policy runs/ralis_camvid_fast/ralis_final.zip \
+        --images my_unlabeled_frames/ --out outputs/queue --top 24
+
+`--segmentation` is a start-network/segmenter checkpoint (.pt with a `model_state`); by default the
+cached `source+dt` start network of the fast model is used (pretrained if needed). The state set is
+the dataset's D_S. Outputs: OUT/queue.json ([{rank, image, box [x, y, w, h], score}], best first)
+and OUT/<image>_queue.png with the top regions outlined and numbered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from agents import RalisDQN
+from agents.suggest import draw_queue, folder_split, rank_regions
+from ralis_gym.data import load_dataset
+from ralis_gym.segmentation import build_segmenter
+from ralis_gym.segmentation.pretrain import pretrain_start_network
+
+
+@dataclass
+class Args:
+    policy: str = "runs/ralis_camvid_fast/ralis_final.zip"
+    images: str = "unlabeled/"
+    segmentation: str | None = None
+    model: str = "fast"
+    dataset: str = "camvid"
+    data_root: str | None = None
+    out: str = "outputs/queue"
+    top: int = 24
+
+
+def parse_args() -> Args:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in fields(Args):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default) if f.default is not None else str,
+            default=f.default,
+        )
+    return Args(**vars(parser.parse_args()))
+
+
+def main() -> None:
+    args = parse_args()
+    dataset = load_dataset(args.dataset, args.data_root)
+    if args.segmentation:
+        seg = build_segmenter(args.model, dataset.info)
+        ckpt = torch.load(args.segmentation, map_location="cpu", weights_only=False)
+        seg.load_model_state(ckpt.get("model_state", ckpt))
+    else:
+        seg, _ = pretrain_start_network(dataset, args.model, "source+dt")
+    policy = RalisDQN.load(args.policy, device="cpu").policy
+    unlabeled = folder_split(args.images, dataset.info)
+    queue = rank_regions(policy.q_net, seg, unlabeled, dataset.split("d_s"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "queue.json").write_text(json.dumps(queue, indent=2))
+    pictures = draw_queue(unlabeled, queue, args.top, out)
+    print(
+        f"ranked {len(queue)} regions of {len(unlabeled)} images -> {out / 'queue.json'}; {len(pictures)} overlays"
+    )
+    for item in queue[: min(args.top, 10)]:
+        print(f"  #{item['rank']:3d} {item['image']} box={item['box']} Q={item['score']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Train the RALIS query network (DQN) over episodes on the D_T pool, as the paper's CamVid schedule.
+
+    python examples/train_ralis.py                       # 100 episodes x 20 steps, fast model
+    python examples/train_ralis.py --config examples/configs/camvid_fast.yaml --episodes 10
+    python examples/train_ralis.py --out runs/ralis      # again: resumes from the last checkpoint
+
+Checkpoints (policy + replay buffer) go to OUT/checkpoints every `checkpoint_every` steps; a killed
+run started again with the same OUT resumes from the newest one. TensorBoard: `tensorboard --logdir OUT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
+
+import ralis_gym  # noqa: F401  (registers the environments)
+from agents import RalisDQN
+from ralis_gym.config import load_yaml
+
+
+@dataclass
+class Args:
+    env_id: str = "RegionAL-CamVid-Fast-v0"
+    config: str | None = None  # YAML of env keyword arguments (see RegionALEnv.default_config)
+    data_root: str | None = None
+    episodes: int = 100
+    seed: int = 20
+    out: str = "runs/ralis_camvid_fast"
+    learning_rate: float = 1e-3
+    lr_decay: float = 0.97
+    buffer_size: int = 600
+    checkpoint_every: int = 20  # environment steps
+    threads: int = 1  # torch threads; 1 is fastest for these small networks on a busy CPU
+
+
+def parse_args() -> Args:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in fields(Args):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default) if f.default is not None else str,
+            default=f.default,
+        )
+    return Args(**vars(parser.parse_args()))
+
+
+class EpisodeLog(BaseCallback):
+    """Appends the final D_R mIoU of every finished episode to OUT/episodes.csv (the learning curve)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            if done:
+                new = not self.path.exists()
+                with open(self.path, "a") as f:
+                    f.write("timestep,episode_miou\n" if new else "")
+                    f.write(f"{self.num_timesteps},{info['miou']:.6f}\n")
+        return True
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    zips = sorted(folder.glob("ralis_*_steps.zip"), key=lambda p: int(re.findall(r"(\d+)_steps", p.name)[0]))
+    return zips[-1] if zips else None
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    env_kwargs = {"mode": "train", "progress": True, **(load_yaml(args.config) if args.config else {})}
+    if args.data_root:
+        env_kwargs["data_root"] = args.data_root
+    env = gym.make(args.env_id, **env_kwargs)
+    steps_per_episode = env.get_wrapper_attr("_max_episode_steps")
+    total = args.episodes * steps_per_episode
+
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is not None:
+        model = RalisDQN.load(ckpt, env=env, tensorboard_log=str(out))
+        buffer = ckpt.with_name(ckpt.name.replace("ralis_", "ralis_replay_buffer_").replace(".zip", ".pkl"))
+        if buffer.exists():
+            model.load_replay_buffer(buffer)
+        print(f"resuming from {ckpt} at step {model.num_timesteps}/{total}")
+    else:
+        model = RalisDQN(
+            "RalisPolicy", env, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
+            buffer_size=args.buffer_size, seed=args.seed, tensorboard_log=str(out), verbose=0,
+        )  # fmt: skip
+    checkpoints = CheckpointCallback(
+        save_freq=args.checkpoint_every,
+        save_path=str(out / "checkpoints"),
+        name_prefix="ralis",
+        save_replay_buffer=True,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model.learn(
+        total_timesteps=max(total - model.num_timesteps, 0), callback=[checkpoints, EpisodeLog(out / "episodes.csv")], log_interval=1,
+        progress_bar=True, reset_num_timesteps=False, tb_log_name="dqn",
+    )  # fmt: skip
+    model.save(out / "ralis_final")
+    print(
+        f"trained {model.num_timesteps} steps in {time.perf_counter() - t0:.0f} s -> {out / 'ralis_final.zip'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

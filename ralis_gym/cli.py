@@ -1,0 +1,208 @@
+"""``ralis-gym`` command line: download data, pretrain start networks, run active learning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ralis_gym.errors import RalisGymError
+
+MAIN_JOB_HELP = """\
+The main job, end to end on CamVid: find the data (download it if absent), pretrain the start
+network if it is not cached, run active learning with each strategy to the budget, train on the
+acquired regions until D_R mIoU stops improving, then print test mIoU and save a plot and JSON."""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding camvid/ (default: $RALIS_GYM_DATA or the user cache)",
+    )
+    p.add_argument(
+        "--dataset", default="camvid", help="camvid, cityscapes or a custom dataset YAML (default: camvid)"
+    )
+    p.add_argument(
+        "--model", default="fast", choices=["fast", "paper"], help="segmentation model (default: fast)"
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _open_dataset(args: argparse.Namespace, download: bool = False):
+    from ralis_gym.data import load_dataset
+    from ralis_gym.errors import DatasetError
+
+    try:
+        return load_dataset(args.dataset, args.data_root)
+    except DatasetError as err:
+        if not (download and args.dataset == "camvid"):
+            raise
+        print(f"{err}\n-> downloading CamVid", file=sys.stderr)
+        from ralis_gym.data.download import download_camvid
+
+        download_camvid(args.data_root)
+        return load_dataset(args.dataset, args.data_root)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    ds = _open_dataset(args)
+    print(f"{ds.info.name}: {ds.root}")
+    print(f"classes ({ds.info.num_classes}, ignore {ds.info.ignore_index}): {', '.join(ds.info.class_names)}")
+    print(
+        f"image {ds.info.image_size[0]}x{ds.info.image_size[1]}, region {ds.info.region_size[0]}x{ds.info.region_size[1]}"
+    )
+    for role in ("d_t", "d_v", "d_s", "d_r", "test"):
+        split = ds.split(role)
+        counts = split.class_pixel_counts()
+        frac = counts[:-1] / max(counts.sum(), 1)
+        rare = ", ".join(f"{ds.info.class_names[i]} {100 * frac[i]:.2f}%" for i in np.argsort(frac)[:3])
+        print(f"  {role:5s} {len(split):4d} images   rarest: {rare}")
+    if args.verify:
+        n = ds.verify_checksums()
+        print(f"checksums: {n} files OK")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ralis_gym.segmentation.pretrain import pretrain_start_network
+
+    ds = _open_dataset(args, download=not args.no_download)
+    rows = []
+    for name in args.start:
+        t0 = time.perf_counter()
+        _, meta = pretrain_start_network(
+            ds, args.model, name, device=args.device, seed=args.seed, force=args.force,
+            max_epochs=args.max_epochs, patience=args.patience,
+        )  # fmt: skip
+        rows.append((name, meta, time.perf_counter() - t0))
+    print(f"{'start network':12s} {'images':>6s} {'D_R mIoU':>9s} {'test mIoU':>9s} {'time':>8s}  cache")
+    for name, meta, secs in rows:
+        test = meta.get("test_miou", float("nan"))
+        print(
+            f"{name:12s} {meta['train_images']:6d} {100 * meta['d_r_miou']:8.2f}% {100 * test:8.2f}% {secs:7.1f}s  {meta['path']}"
+        )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ralis_gym.active_learning import run_active_learning
+    from ralis_gym.segmentation.pretrain import pretrain_start_network
+
+    ds = _open_dataset(args, download=not args.no_download)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seg, meta = pretrain_start_network(ds, args.model, "source+dt", device=args.device, seed=args.seed)
+    start = seg.snapshot()
+    print(
+        f"start network source+dt: D_R mIoU {100 * meta['d_r_miou']:.2f}%, test mIoU {100 * meta.get('test_miou', float('nan')):.2f}%"
+    )
+    results = {}
+    for strategy in args.strategies:
+        seg.restore(start)
+        res = run_active_learning(
+            seg, ds.split("d_v"), ds.split("d_r"), ds.split("test"), strategy=strategy, budget=args.budget,
+            num_pools=args.num_pools, pool_size=args.pool_size, seed=args.seed,
+        )  # fmt: skip
+        results[strategy] = {"steps": res.steps, "final": res.final}
+    (out / "results.json").write_text(json.dumps({"start": {k: v for k, v in meta.items() if k != "history"},
+                                                  "results": results}, indent=2))  # fmt: skip
+    _plot_run(results, out / "miou_vs_budget.png", ds.info.name)
+    print(f"\n{'strategy':10s} {'regions':>7s} {'D_R mIoU (AL)':>13s} {'test mIoU (final)':>17s}")
+    for strategy, r in results.items():
+        print(
+            f"{strategy:10s} {r['final']['labeled']:7d} {100 * r['steps'][-1]['miou']:12.2f}% {100 * r['final']['test_miou']:16.2f}%"
+        )
+    print(f"\nwrote {out / 'results.json'} and {out / 'miou_vs_budget.png'}")
+    return 0
+
+
+def _plot_run(results: dict, path: Path, dataset: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for strategy, r in results.items():
+        ax.plot(
+            [s["labeled"] for s in r["steps"]],
+            [100 * s["miou"] for s in r["steps"]],
+            marker=".",
+            label=strategy,
+        )
+    ax.set_xlabel("labeled regions")
+    ax.set_ylabel("D_R mIoU (%)")
+    ax.set_title(f"{dataset}: active learning, reward-set mIoU after each step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ralis-gym",
+        description="Region-based active learning for semantic segmentation (RALIS, ICLR 2020).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    try:
+        from ralis_gym.data.download import add_download_subcommand
+
+        add_download_subcommand(sub)
+    except ImportError:  # pragma: no cover - download module missing in a partial install
+        pass
+
+    p = sub.add_parser("info", help="check a dataset and print its splits and class balance")
+    _add_common(p)
+    p.add_argument("--verify", action="store_true", help="also verify the SHA-256 manifest")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "pretrain", help="train and cache the start networks, print their D_R/test mIoU",
+        description="Train the start networks (GTA substitutes, see README) and cache them by (dataset, model, config).",
+    )  # fmt: skip
+    _add_common(p)
+    p.add_argument("--start", nargs="+", default=["source", "source+dt"],
+                   choices=["source", "source+dt", "upperbound"], help="which start networks (default: source source+dt)")  # fmt: skip
+    p.add_argument("--max-epochs", type=int, default=None, help="override the model's default")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience on D_R mIoU")
+    p.add_argument("--force", action="store_true", help="retrain even if cached")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("run", help="the main job: pretrain if needed, active learning, final training, plot",
+                       description=MAIN_JOB_HELP)  # fmt: skip
+    _add_common(p)
+    p.add_argument("--strategies", nargs="+", default=["random", "entropy"], choices=["random", "entropy"])
+    p.add_argument("--budget", type=int, default=480, help="regions to label (default: 480)")
+    p.add_argument("--num-pools", type=int, default=24, help="K, regions labeled per step (default: 24)")
+    p.add_argument("--pool-size", type=int, default=10, help="N, candidates per pool (default: 10)")
+    p.add_argument("--out", default="outputs/run", help="output folder (default: outputs/run)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RalisGymError as err:
+        print(f"ralis-gym: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

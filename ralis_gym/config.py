@@ -1,0 +1,52 @@
+"""Configuration merging in the HighwayEnv style: ``default_config()`` <- YAML file <- keyword arguments."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ralis_gym.errors import ConfigError
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping document raises ``ConfigError``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {p} must hold a mapping of keys to values, got {type(data).__name__}")
+    return dict(data)
+
+
+def merge_config(
+    defaults: Mapping[str, Any], *updates: Mapping[str, Any] | None, where: str = "config"
+) -> dict[str, Any]:
+    """Deep-merge ``updates`` into a copy of ``defaults``; unknown keys raise ``ConfigError``.
+
+    Nested mappings merge key by key, so ``{"final_training": {"patience": 5}}`` keeps the other
+    final-training settings. A default of ``None`` or a non-mapping accepts any value.
+    """
+    out = copy.deepcopy(dict(defaults))
+    for update in updates:
+        if not update:
+            continue
+        for key, value in update.items():
+            if key not in out:
+                close = difflib.get_close_matches(str(key), [str(k) for k in out], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown {where} key {key!r}{hint}; valid keys: {sorted(out)}")
+            if isinstance(out[key], Mapping) and out[key] and isinstance(value, Mapping):
+                out[key] = merge_config(out[key], value, where=f"{where}.{key}")
+            else:
+                out[key] = copy.deepcopy(value)
+    return out

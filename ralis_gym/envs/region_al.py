@@ -1,0 +1,508 @@
+"""The RALIS labeling MDP as a Gymnasium environment (spec §3, §4, §8)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from ralis_gym.config import load_yaml, merge_config
+from ralis_gym.data import SegmentationSplit, load_dataset
+from ralis_gym.errors import ConfigError
+from ralis_gym.features import (
+    candidate_features,
+    class_distribution,
+    region_vector_dim,
+    region_vectors,
+    state_features,
+)
+from ralis_gym.regions import CandidatePools, RegionGrid, RegionPool
+from ralis_gym.segmentation import build_segmenter
+from ralis_gym.segmentation.metrics import SegmentationMetrics
+from ralis_gym.segmentation.pretrain import START_NETWORKS, pretrain_start_network, train_until_plateau
+from ralis_gym.segmentation.uncertainty import pixel_bald, pixel_class_rarity, pixel_entropy, pixel_margin
+
+#: Per-dataset protocol numbers of the reference scripts (spec §3.1): K, N by mode, budget by mode.
+DATASET_PROTOCOL: dict[str, dict[str, Any]] = {
+    "camvid": {
+        "num_pools": 24,
+        "regions_per_pool": {"train": 20, "test": 10},
+        "budget": {"train": 480, "test": 1920},
+    },
+    "cityscapes": {
+        "num_pools": 256,
+        "regions_per_pool": {"train": 20, "test": 100},
+        "budget": {"train": 3840, "test": 30720},
+    },
+}
+#: Which role is the unlabeled pool, and which start network, in each mode.
+MODE_POOL = {"train": "d_t", "test": "d_v"}
+MODE_START = {"train": "source", "test": "source+dt"}
+KL_FEATURES = 64
+#: Heuristics that ``RegionALEnv.score_candidates`` computes (spec §7 plus margin and class balance).
+HEURISTICS = ("random", "entropy", "margin", "bald", "class_balance")
+
+
+class RegionALEnv(gym.Env):
+    """Region-based active learning for semantic segmentation (RALIS, Casanova et al., ICLR 2020).
+
+    ## Description
+    An agent decides which image regions a person should label next. Each step it sees ``K`` pools
+    of ``N`` unlabeled candidate regions (fixed-size rectangles of the images of an unlabeled pool)
+    and picks one region per pool. The chosen regions are labeled with their ground truth, a real
+    segmentation network is trained one epoch on them (loss masked to labeled pixels), and the
+    network is evaluated on a reward set D_R. One class serves every dataset, model and protocol
+    through its configuration (``default_config()`` <- YAML <- keyword arguments).
+
+    ## Action Space
+    ``MultiDiscrete([N] * K)``: the index of the chosen candidate in each pool. Choosing a masked
+    slot (``action_mask[k, n] == 0``, only when fewer than ``K * N`` regions are still unlabeled)
+    raises ``ValueError`` naming the pool and the reason.
+
+    ## Observation Space
+    A ``Dict`` of float32 arrays (spec §4; ``C`` classes, ``Ds = C + 1 + 192``):
+
+    - ``state`` ``[M, Ds]``: one vector per region of the state set D_S (M = 10 images x regions per
+      image; CamVid 240 x 204, Cityscapes 1280 x 212): raw pixel counts of the predicted classes
+      (C + 1 bins, absent = 1e-7), then min / avg / max pooling of the prediction entropy on an 8x8
+      grid of the region.
+    - ``candidates`` ``[K, N, Ds + 64]``: the same region vector for every candidate plus two 32-bin
+      normalised histograms: of the KL divergences between the candidate's predicted class
+      distribution and the ground-truth class distributions of the regions labeled so far (zeros
+      before anything is labeled), and to all current candidates (CamVid 24 x N x 268).
+    - ``action_mask`` ``[K, N]``: 1 for real candidates, 0 for empty slots.
+
+    ## Rewards
+    ``reward_scale * (mIoU_t - mIoU_{t-1})`` on D_R (``reward_scale`` = 100), with ``mIoU_0``
+    measured at reset. ``first_reward="absolute"`` reproduces the reference code, whose first reward
+    of an episode is 100 x the absolute mIoU after step 1.
+
+    ## Starting State
+    ``reset`` restores the start network (``source`` in train mode, ``source+dt`` in test mode;
+    pretrained and cached on first use, see the README), empties the labeled set, measures D_R mIoU
+    (``info["miou"]``) and draws the first pools. All randomness derives from ``reset(seed=...)``.
+
+    ## Episode End
+    ``terminated`` when ``budget`` regions are labeled (or no unlabeled region is left); the last
+    step labels only up to the budget. ``gym.make`` wraps the env in ``TimeLimit(ceil(budget / K))``,
+    which coincides with termination. The observation returned on termination is all zeros.
+
+    ## Arguments
+    ``gym.make("RegionAL-CamVid-Fast-v0", mode="train", budget=480, data_root=None, device="auto")``;
+    every key of ``RegionALEnv.default_config()`` can be passed as a keyword, or ``config=`` a dict or
+    a YAML path. Main keys: ``dataset``, ``data_root``, ``model`` (``"fast"`` / ``"paper"``),
+    ``device``, ``mode`` (``"train"``: pool D_T, N = 20; ``"test"``: pool D_V, N = 10), ``budget``,
+    ``num_pools`` (K), ``regions_per_pool`` (N), ``start_network``, ``first_reward``,
+    ``final_training`` (for :meth:`evaluate`), ``subset`` (image limits per role for tiny configs).
+
+    ## Version History
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
+
+    @staticmethod
+    def default_config() -> dict[str, Any]:
+        return {
+            "dataset": "camvid",
+            "dataset_kwargs": {},
+            "data_root": None,
+            "model": "paper",
+            "model_kwargs": {},
+            "device": "auto",
+            "mode": "train",
+            "budget": None,  # None: the protocol's (CamVid 480 train / 1920 test)
+            "num_pools": None,  # K; None: the protocol's (CamVid 24)
+            "regions_per_pool": None,  # N; None: the protocol's (CamVid 20 train / 10 test)
+            "start_network": None,  # None: by mode; "source", "source+dt", "upperbound", "scratch" or a .pt path
+            "pretrain": {"max_epochs": None, "patience": None, "seed": 0},
+            "reward_scale": 100.0,
+            "first_reward": "difference",  # or "absolute" (reference quirk)
+            "epochs_per_step": 1,
+            "lr_decay_steps_per_step": 2,
+            "final_training": {"max_epochs": 1000, "patience": 150},
+            "subset": {"pool": None, "reward": None, "state": None, "test": None},
+            "render_images": 4,
+            "progress": False,
+        }
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str | os.PathLike | None = None,
+        render_mode: str | None = None,
+        **kwargs: Any,
+    ):
+        file_cfg = load_yaml(config) if isinstance(config, (str, os.PathLike)) else (config or {})
+        self.config = merge_config(self.default_config(), file_cfg, kwargs)
+        cfg = self.config
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ConfigError(
+                f"render_mode {render_mode!r} is not supported; use one of {self.metadata['render_modes']}"
+            )
+        self.render_mode = render_mode
+        if cfg["mode"] not in MODE_POOL:
+            raise ConfigError(f"mode must be 'train' or 'test', got {cfg['mode']!r}")
+        if cfg["first_reward"] not in ("difference", "absolute"):
+            raise ConfigError(f"first_reward must be 'difference' or 'absolute', got {cfg['first_reward']!r}")
+
+        self.dataset = load_dataset(cfg["dataset"], cfg["data_root"], **cfg["dataset_kwargs"])
+        self.info_ = self.dataset.info
+        protocol = DATASET_PROTOCOL.get(self.info_.name, DATASET_PROTOCOL["camvid"])
+        mode = cfg["mode"]
+        self.num_pools = int(cfg["num_pools"] or protocol["num_pools"])
+        self.pool_size = int(cfg["regions_per_pool"] or protocol["regions_per_pool"][mode])
+        self.budget = int(cfg["budget"] or protocol["budget"][mode])
+        if min(self.num_pools, self.pool_size, self.budget) <= 0:
+            raise ConfigError("num_pools, regions_per_pool and budget must be positive")
+
+        self.pool_split = self._role_split(MODE_POOL[mode], cfg["subset"]["pool"])
+        self.reward_split = self._role_split("d_r", cfg["subset"]["reward"])
+        self.state_split = self._role_split("d_s", cfg["subset"]["state"])
+        self.grid = RegionGrid(self.info_.image_size, self.info_.region_size)
+        if self.budget > len(self.pool_split) * self.grid.per_image:
+            raise ConfigError(
+                f"budget {self.budget} exceeds the {len(self.pool_split) * self.grid.per_image} regions of the pool"
+            )
+        self.pool = RegionPool(
+            self.grid, len(self.pool_split), self.info_.num_classes, self.info_.ignore_index
+        )
+
+        self.segmenter, self.start_meta = self._load_start_network()
+        self._start = self.segmenter.snapshot()
+        self.device = self.segmenter.device
+
+        n_cls = self.info_.num_classes
+        ds = region_vector_dim(n_cls)
+        area = self.grid.region_size[0] * self.grid.region_size[1]
+        ent_max = math.log(n_cls) + 1e-3
+        region_high = np.concatenate([np.full(n_cls + 1, area), np.full(ds - n_cls - 1, ent_max)]).astype(
+            np.float32
+        )
+        m = len(self.state_split) * self.grid.per_image
+        self.observation_space = spaces.Dict(
+            {
+                "state": spaces.Box(0.0, np.broadcast_to(region_high, (m, ds)).copy(), dtype=np.float32),
+                "candidates": spaces.Box(
+                    0.0,
+                    np.broadcast_to(
+                        np.r_[region_high, np.ones(KL_FEATURES, np.float32)],
+                        (self.num_pools, self.pool_size, ds + KL_FEATURES),
+                    ).copy(),
+                    dtype=np.float32,
+                ),
+                "action_mask": spaces.Box(0.0, 1.0, (self.num_pools, self.pool_size), dtype=np.float32),
+            }
+        )
+        self.action_space = spaces.MultiDiscrete(np.full(self.num_pools, self.pool_size, dtype=np.int64))
+
+        self._pools: CandidatePools | None = None
+        self._labeled_dists = torch.empty(0, n_cls + 1, dtype=torch.float64, device=self.device)
+        self._miou = 0.0
+        self._metrics: SegmentationMetrics | None = None
+        self._selected: tuple[tuple[str, int, int], ...] = ()
+        self._last_ids = np.empty(0, dtype=np.int64)
+        self._steps = 0
+        self.timings: dict[str, float] = {}
+
+    # --- construction helpers -----------------------------------------------------------------
+    def _role_split(self, role: str, limit: int | None) -> SegmentationSplit:
+        split = self.dataset.split(role)
+        if limit is not None:
+            if int(limit) <= 0:
+                raise ConfigError(f"subset limit for {role} must be positive, got {limit}")
+            split = split.subset(np.arange(min(int(limit), len(split))), name=f"{role}[:{limit}]")
+        return split
+
+    def _load_start_network(self):
+        cfg = self.config
+        name = cfg["start_network"] or MODE_START[cfg["mode"]]
+        seed = int(cfg["pretrain"]["seed"])
+        if name == "scratch":
+            seg = build_segmenter(
+                cfg["model"], self.info_, device=cfg["device"], seed=seed, **cfg["model_kwargs"]
+            )
+            return seg, {"name": "scratch"}
+        if name in START_NETWORKS:
+            return pretrain_start_network(
+                self.dataset, cfg["model"], name, device=cfg["device"], seed=seed, model_kwargs=cfg["model_kwargs"],
+                max_epochs=cfg["pretrain"]["max_epochs"], patience=cfg["pretrain"]["patience"], progress=cfg["progress"],
+            )  # fmt: skip
+        path = Path(str(name)).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"start_network {name!r} is neither one of {sorted(START_NETWORKS) + ['scratch']} nor an existing checkpoint file"
+            )
+        seg = build_segmenter(
+            cfg["model"], self.info_, device=cfg["device"], seed=seed, **cfg["model_kwargs"]
+        )
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        seg.load_model_state(ckpt.get("model_state", ckpt))
+        seg.reset_optimizer()
+        return seg, {"name": str(path)}
+
+    # --- Gymnasium API -------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self.segmenter.restore(self._start)
+        self.segmenter.generator.manual_seed(int(self.np_random.integers(2**62)))
+        self.pool.reset()
+        self._labeled_dists = self._labeled_dists[:0]
+        self._selected, self._last_ids, self._steps = (), np.empty(0, dtype=np.int64), 0
+        self._evaluate_reward_set()
+        obs = self._observe()
+        return obs, self._info()
+
+    def step(self, action):
+        if self._pools is None:
+            raise RuntimeError("call reset() before step()")
+        t0 = time.perf_counter()
+        chosen = self._chosen_regions(action)
+        chosen = chosen[: self.budget - self.pool.num_labeled]
+        hist = self.pool.label(chosen, self.pool_split.labels)
+        new = class_distribution(torch.from_numpy(hist)).to(self.device, torch.float64)
+        self._labeled_dists = torch.cat([self._labeled_dists, new])
+        boxes = self.grid.boxes(chosen)
+        self._selected = tuple((self.pool_split.image_names[b[0]], int(b[1]), int(b[2])) for b in boxes)
+        self._last_ids = chosen
+        t1 = time.perf_counter()
+        for _ in range(self.config["epochs_per_step"]):
+            self.segmenter.fit_regions(self.pool_split, chosen, self.pool.labeled)
+        for _ in range(self.config["lr_decay_steps_per_step"]):
+            self.segmenter.step_lr()
+        t2 = time.perf_counter()
+        previous = self._miou
+        self._evaluate_reward_set()
+        t3 = time.perf_counter()
+        if self._steps == 0 and self.config["first_reward"] == "absolute":
+            previous = 0.0
+        reward = float(self.config["reward_scale"] * (self._miou - previous))
+        self._steps += 1
+        terminated = bool(self.pool.num_labeled >= self.budget or self.pool.num_unlabeled == 0)
+        obs = self._zero_observation() if terminated else self._observe()
+        t4 = time.perf_counter()
+        self.timings = {
+            "label": t1 - t0,
+            "train": t2 - t1,
+            "reward": t3 - t2,
+            "features": t4 - t3,
+            "step": t4 - t0,
+        }
+        return obs, reward, terminated, False, self._info()
+
+    def action_masks(self) -> np.ndarray:
+        """Flat boolean mask ``[K * N]`` of valid sub-actions (sb3-contrib ``MaskablePPO``)."""
+        if self._pools is None:
+            return np.ones(self.num_pools * self.pool_size, dtype=bool)
+        return self._pools.mask.reshape(-1).copy()
+
+    # --- internals ---------------------------------------------------------------------------
+    def _chosen_regions(self, action) -> np.ndarray:
+        act = np.asarray(action)
+        if act.shape != (self.num_pools,) or not np.issubdtype(act.dtype, np.integer):
+            raise ValueError(
+                f"action must be {self.num_pools} integers (one index per pool), got shape {act.shape} dtype {act.dtype}"
+            )
+        bad = np.flatnonzero((act < 0) | (act >= self.pool_size))
+        if bad.size:
+            k = int(bad[0])
+            raise ValueError(
+                f"invalid action for pool {k}: index {int(act[k])} is outside 0..{self.pool_size - 1}"
+            )
+        mask = self._pools.mask
+        valid_pool = mask.any(axis=1)
+        picked_ok = mask[np.arange(self.num_pools), act]
+        bad = np.flatnonzero(~picked_ok & valid_pool)
+        if bad.size:
+            k = int(bad[0])
+            raise ValueError(
+                f"invalid action for pool {k}: slot {int(act[k])} is masked (empty: fewer than K*N unlabeled regions "
+                f"remain, pool {k} has {int(mask[k].sum())} candidates); choose where action_mask[{k}] is 1"
+            )
+        # Pools left entirely empty (fewer than K regions remain) contribute nothing.
+        return self._pools.region_ids[np.arange(self.num_pools), act][valid_pool]
+
+    def _evaluate_reward_set(self) -> None:
+        self._metrics = self.segmenter.evaluate(self.reward_split)
+        self._miou = self._metrics.miou
+
+    @torch.no_grad()
+    def _observe(self) -> dict[str, np.ndarray]:
+        self._pools = self.pool.sample_pools(self.num_pools, self.pool_size, self.np_random)
+        ids = self._pools.region_ids[self._pools.mask]
+        image, row, col = self.grid.split_ids(ids)
+        images, slot = np.unique(image, return_inverse=True)
+        probs = torch.cat([p for _, p in self.segmenter.iter_proba(self.pool_split, images)])
+        vecs = region_vectors(
+            probs, torch.from_numpy(slot), torch.from_numpy(row), torch.from_numpy(col), self.grid
+        )
+        del probs
+        cands = candidate_features(
+            vecs, self._labeled_dists, self._pools.shape, mask=torch.from_numpy(self._pools.mask)
+        )
+        state_probs = torch.cat([p for _, p in self.segmenter.iter_proba(self.state_split)])
+        state = state_features(state_probs, self.grid)
+        return {
+            "state": state.cpu().numpy().astype(np.float32),
+            "candidates": cands.cpu().numpy().astype(np.float32),
+            "action_mask": self._pools.mask.astype(np.float32),
+        }
+
+    def _zero_observation(self) -> dict[str, np.ndarray]:
+        self._pools = CandidatePools(
+            np.full((self.num_pools, self.pool_size), -1, dtype=np.int64),
+            np.zeros((self.num_pools, self.pool_size), dtype=bool),
+        )
+        return {k: np.zeros(s.shape, dtype=np.float32) for k, s in self.observation_space.spaces.items()}
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "miou": float(self._miou),
+            "per_class_iou": self._metrics.iou.astype(np.float32),
+            "labeled_regions": int(self.pool.num_labeled),
+            "budget": self.budget,
+            "labeled_class_pixels": self.pool.class_pixels.copy(),
+            "selected": self._selected,
+            "action_mask": self._pools.mask.copy(),
+        }
+
+    # --- beyond the Gymnasium API ---------------------------------------------------------------
+    def evaluate(
+        self,
+        split: str = "test",
+        max_epochs: int | None = None,
+        patience: int | None = None,
+        restore: bool = False,
+        progress: bool | None = None,
+    ) -> dict[str, Any]:
+        """Final protocol of spec §3.4: train on every acquired region until D_R mIoU stops improving.
+
+        Keeps the best-D_R weights, then evaluates them on ``split`` (default the test split). With
+        ``restore=True`` the segmenter is put back as it was afterwards, so active learning can go on
+        from the same point (the benchmarks branch the final training at several budgets this way).
+        Returns ``test_miou``, ``per_class_iou``, ``confusion``, ``pixel_accuracy``, ``d_r_miou``,
+        ``epochs`` and ``labeled_regions``.
+        """
+        ft = self.config["final_training"]
+        max_epochs = ft["max_epochs"] if max_epochs is None else max_epochs
+        patience = ft["patience"] if patience is None else patience
+        progress = self.config["progress"] if progress is None else progress
+        if self.pool.num_labeled == 0:
+            raise RuntimeError("nothing is labeled yet: step the environment before evaluate()")
+        before = self.segmenter.snapshot() if restore else None
+        ids = self.pool.order.copy()
+        result = train_until_plateau(
+            self.segmenter, lambda: self.segmenter.fit_regions(self.pool_split, ids, self.pool.labeled),
+            self.reward_split, max_epochs, patience, progress=progress, desc="final training",
+            lr_steps_per_epoch=self.config["lr_decay_steps_per_step"],
+        )  # fmt: skip
+        target = self._role_split(split, self.config["subset"]["test"] if split == "test" else None)
+        metrics = self.segmenter.evaluate(target, progress=progress)
+        if before is not None:
+            self.segmenter.restore(before)
+        return {
+            "test_miou": metrics.miou,
+            "per_class_iou": metrics.iou,
+            "pixel_accuracy": metrics.pixel_accuracy,
+            "confusion": metrics.confusion,
+            "d_r_miou": result["best_miou"],
+            "epochs": result["epochs"],
+            "labeled_regions": self.pool.num_labeled,
+        }
+
+    @torch.no_grad()
+    def score_candidates(self, heuristic: str, mc_passes: int = 20) -> np.ndarray:
+        """Heuristic scores ``[K, N]`` of the current candidates (-inf in masked slots), for baselines.
+
+        A region's score is the mean of a per-pixel map over the region, computed with the current
+        segmentation network: ``entropy``, ``margin`` (1 - top-1 + top-2 probability), ``bald``
+        (``mc_passes`` MC-dropout passes, p = 0.5 before the classifier) or ``class_balance``
+        (expected rarity of the predicted class, frequencies from the labeled pixels so far plus the
+        candidates' predicted pixels). ``random`` gives uniform noise from the env's generator.
+        Scoring does not change the environment's state (it draws MC-dropout masks from the
+        segmenter's own generator, so it does shift later training randomness deterministically).
+        """
+        if self._pools is None:
+            raise RuntimeError("call reset() before score_candidates()")
+        if heuristic not in HEURISTICS:
+            raise ValueError(f"unknown heuristic {heuristic!r}; choose one of {HEURISTICS}")
+        mask = self._pools.mask
+        scores = np.full(mask.shape, -np.inf)
+        if not mask.any():
+            return scores
+        if heuristic == "random":
+            scores[mask] = self.np_random.random(int(mask.sum()))
+            return scores
+        image, row, col = self.grid.split_ids(self._pools.region_ids[mask])
+        images, slot = np.unique(image, return_inverse=True)
+        if heuristic == "bald":
+            maps = pixel_bald(self.segmenter.mc_dropout_proba(self.pool_split, images, passes=mc_passes))
+        else:
+            probs = self.segmenter.predict_proba(self.pool_split, images)
+            if heuristic == "entropy":
+                maps = pixel_entropy(probs)
+            elif heuristic == "margin":
+                maps = pixel_margin(probs)
+            else:
+                predicted = probs.sum(dim=(0, 2, 3)).double()
+                labeled = torch.as_tensor(
+                    self.pool.class_pixels[:-1], dtype=torch.float64, device=predicted.device
+                )
+                maps = pixel_class_rarity(probs, labeled + predicted)
+        means = self.grid.region_view(maps).mean(dim=(-3, -1))  # [I, rows, cols]
+        idx = [torch.as_tensor(a, device=means.device) for a in (slot, row, col)]
+        scores[mask] = means[idx[0], idx[1], idx[2]].double().cpu().numpy()
+        return scores
+
+    def render(self) -> np.ndarray | None:
+        """``rgb_array``: mosaic of pool images, prediction blended in, labeled regions outlined in
+        white and the regions chosen at the last step in red."""
+        if self.render_mode != "rgb_array":
+            return None
+        n_show = max(1, int(self.config["render_images"]))
+        last = self.grid.split_ids(self._last_ids)[0] if self._last_ids.size else np.empty(0, np.int64)
+        labeled_imgs = np.flatnonzero(self.pool.labeled.any(axis=(1, 2)))
+        order = list(dict.fromkeys([*last.tolist(), *labeled_imgs.tolist(), *range(len(self.pool_split))]))[
+            :n_show
+        ]
+        pred = self.segmenter.predict(self.pool_split, np.asarray(order))
+        palette = self.info_.palette_array()
+        rw, rh = self.grid.region_size
+        tiles = []
+        for img_idx, p in zip(order, pred):
+            image = np.asarray(self.pool_split.images[img_idx])
+            tile = cv2.addWeighted(image, 0.6, palette[p], 0.4, 0.0)
+            for r, c in zip(*np.nonzero(self.pool.labeled[img_idx])):
+                cv2.rectangle(
+                    tile,
+                    (int(c * rw), int(r * rh)),
+                    (int(c * rw + rw - 1), int(r * rh + rh - 1)),
+                    (255, 255, 255),
+                    1,
+                )
+            chosen_here = self._last_ids[last == img_idx] if last.size else []
+            for _i, x, y, w, h in self.grid.boxes(np.asarray(chosen_here, dtype=np.int64)):
+                cv2.rectangle(tile, (int(x), int(y)), (int(x + w - 1), int(y + h - 1)), (255, 0, 0), 3)
+            tiles.append(tile)
+        while len(tiles) < n_show:
+            tiles.append(np.zeros_like(tiles[0]))
+        cols = math.ceil(math.sqrt(n_show))
+        rows = [np.concatenate(tiles[i : i + cols], axis=1) for i in range(0, len(tiles), cols)]
+        rows[-1] = np.pad(rows[-1], ((0, 0), (0, rows[0].shape[1] - rows[-1].shape[1]), (0, 0)))
+        return np.ascontiguousarray(np.concatenate(rows, axis=0), dtype=np.uint8)
+
+    def close(self) -> None:
+        self._pools = None
+
+
+def make_region_al_env(**kwargs: Any) -> gym.Env:
+    """Registry entry point: the env in a ``TimeLimit`` of ``ceil(budget / K)`` steps for its config."""
+    env = RegionALEnv(**kwargs)
+    return gym.wrappers.TimeLimit(env, max_episode_steps=math.ceil(env.budget / env.num_pools))

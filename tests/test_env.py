@@ -1,0 +1,201 @@
+"""RegionALEnv: API conformance for every registered id, determinism, features, episodes, SB3."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import ralis_gym
+from ralis_gym.envs import RegionALEnv
+from ralis_gym.errors import ConfigError
+from tests.fixtures_data import make_cityscapes_fixture
+
+# Tiny but real: real CamVid images and labels, a real network trained for real, few images per role.
+TINY = {
+    "start_network": "scratch",
+    "num_pools": 3,
+    "regions_per_pool": 4,
+    "budget": 9,
+    "subset": {"pool": 3, "reward": 2, "state": 1, "test": 2},
+}
+TINY_PAPER_MODEL = {"layers": (1, 1, 1, 1), "crop_size": (64, 64), "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def data_roots(camvid_root, tmp_path_factory):
+    cs_root = tmp_path_factory.mktemp("cityscapes_root")
+    make_cityscapes_fixture(cs_root, n_train=24, n_val=3, size=(256, 128))
+    return {"camvid": camvid_root, "cityscapes": cs_root}
+
+
+def _tiny_kwargs(env_id: str, roots: dict) -> dict:
+    kwargs = dict(TINY)
+    spec_kwargs = gym.spec(env_id).kwargs
+    kwargs["data_root"] = str(roots[spec_kwargs["dataset"]])
+    if spec_kwargs["model"] == "paper":
+        kwargs["model_kwargs"] = TINY_PAPER_MODEL
+        kwargs["device"] = "cpu"
+    if spec_kwargs["dataset"] == "cityscapes":
+        kwargs["dataset_kwargs"] = {"image_size": (256, 128), "region_size": (64, 64)}
+        kwargs["subset"] = {"pool": 3, "reward": 1, "state": 1, "test": 1}
+        kwargs.update(
+            num_pools=2, regions_per_pool=3, budget=4
+        )  # the fixture's D_T holds 1 image of 8 regions
+    return kwargs
+
+
+@pytest.mark.parametrize("env_id", sorted(ralis_gym.ENV_IDS))
+def test_every_registered_env_passes_gymnasium_and_sb3_checkers(env_id, data_roots):
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    env = gym.make(env_id, render_mode="rgb_array", **_tiny_kwargs(env_id, data_roots))
+    check_env(env.unwrapped)
+    sb3_check_env(env.unwrapped, warn=True)
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    frame = env.render()
+    assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
+    env.close()
+    env.close()
+
+
+def test_registration_and_time_limit_follow_the_budget(camvid_root):
+    assert set(ralis_gym.ENV_IDS) <= set(gym.registry)
+    env = gym.make("RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), **{**TINY, "budget": 12})
+    assert env.get_wrapper_attr("_max_episode_steps") == math.ceil(12 / 3)
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def fast_env(camvid_root):
+    env = RegionALEnv(dataset="camvid", data_root=str(camvid_root), model="fast", **{**TINY, "budget": 12})
+    yield env
+    env.close()
+
+
+def _run_episode(env: RegionALEnv, seed: int, policy_seed: int):
+    obs, info = env.reset(seed=seed)
+    rng = np.random.default_rng(policy_seed)
+    trace = [(obs, 0.0, info["miou"], ())]
+    done = False
+    while not done:
+        action = np.array([rng.choice(np.flatnonzero(m)) for m in info["action_mask"]])
+        obs, reward, done, trunc, info = env.step(action)
+        trace.append((obs, reward, info["miou"], info["selected"]))
+        assert not trunc
+    return trace
+
+
+def test_same_seed_gives_the_same_episode(fast_env):
+    a = _run_episode(fast_env, seed=3, policy_seed=0)
+    b = _run_episode(fast_env, seed=3, policy_seed=0)
+    c = _run_episode(fast_env, seed=4, policy_seed=0)
+    assert len(a) == len(b) == 5
+    for (oa, ra, ma, sa), (ob, rb, mb, sb) in zip(a, b):
+        for key in oa:
+            np.testing.assert_array_equal(oa[key], ob[key])
+        assert ra == rb and ma == mb and sa == sb
+    assert any(sa != sc for (_, _, _, sa), (_, _, _, sc) in zip(a, c))
+
+
+def test_observation_features_follow_the_spec(fast_env):
+    env = fast_env
+    n_cls = env.info_.num_classes
+    obs, info = env.reset(seed=0)
+    area = 80 * 90
+    for part in (obs["state"], obs["candidates"].reshape(-1, obs["candidates"].shape[-1])):
+        counts = part[:, : n_cls + 1]
+        np.testing.assert_allclose(counts.sum(1), area + (counts < 1).sum(1) * 1e-7, rtol=1e-6)
+        mn, avg, mx = (
+            part[:, n_cls + 1 : n_cls + 65],
+            part[:, n_cls + 65 : n_cls + 129],
+            part[:, n_cls + 129 : n_cls + 193],
+        )
+        assert (mn <= avg + 1e-5).all() and (avg <= mx + 1e-5).all()  # float32 averaging error
+        assert mn.min() >= 0 and mx.max() <= math.log(n_cls) + 1e-4
+    kl_lab, kl_pool = obs["candidates"][..., -64:-32], obs["candidates"][..., -32:]
+    assert (kl_lab == 0).all()  # nothing labeled yet
+    np.testing.assert_allclose(kl_pool.sum(-1), 1.0, rtol=1e-5)
+    obs, *_ = env.step(np.zeros(env.num_pools, dtype=np.int64))
+    np.testing.assert_allclose(obs["candidates"][..., -64:-32].sum(-1), 1.0, rtol=1e-5)
+    assert obs in env.observation_space
+
+
+def test_info_contents_and_masked_actions(fast_env):
+    env = fast_env
+    _, info = env.reset(seed=1)
+    assert set(info) >= {
+        "miou",
+        "per_class_iou",
+        "labeled_regions",
+        "budget",
+        "labeled_class_pixels",
+        "selected",
+        "action_mask",
+    }
+    with pytest.raises(ValueError, match="pool 1"):
+        env.step(np.array([0, env.pool_size, 0]))
+    _, reward, _, _, info = env.step(np.array([1, 2, 3]))
+    assert info["labeled_regions"] == 3 and len(info["selected"]) == 3
+    assert info["labeled_class_pixels"].sum() == 3 * 80 * 90
+    assert np.isfinite(reward)
+    # Force a masked slot: label all but 2 regions of the tiny pool, then pick an empty slot.
+    pool = env.pool
+    free = np.flatnonzero(~pool.labeled.reshape(-1))
+    ids = env.grid.make_ids(*np.unravel_index(free, pool.labeled.shape))[:-2]
+    pool.label(ids)
+    env._observe()
+    mask = env._pools.mask
+    assert mask.sum() == 2
+    k = int(np.flatnonzero(mask.any(1))[0])
+    empty = int(np.flatnonzero(~mask[k])[0])
+    action = np.argmax(mask, axis=1)
+    action[k] = empty
+    with pytest.raises(ValueError, match=f"pool {k}.*masked"):
+        env.step(action)
+
+
+def test_bad_config_key_and_values_raise_clear_errors(camvid_root):
+    with pytest.raises(ConfigError, match="budjet.*did you mean 'budget'"):
+        RegionALEnv(data_root=str(camvid_root), model="fast", budjet=3)
+    with pytest.raises(ConfigError, match="mode"):
+        RegionALEnv(data_root=str(camvid_root), model="fast", mode="eval")
+    with pytest.raises(ConfigError, match="exceeds"):
+        RegionALEnv(data_root=str(camvid_root), model="fast", **{**TINY, "budget": 10_000})
+
+
+def test_evaluate_runs_the_final_protocol_and_can_restore(fast_env):
+    env = fast_env
+    _run_episode(env, seed=0, policy_seed=0)
+    before = env.segmenter.snapshot()
+    result = env.evaluate(max_epochs=3, patience=1, restore=True)
+    assert 0.0 <= result["test_miou"] <= 1.0
+    assert result["confusion"].shape == (11, 11) and result["labeled_regions"] == 12
+    after = env.segmenter.snapshot()
+    for key, value in before["model"].items():
+        if hasattr(value, "shape"):
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(after["model"][key]))
+
+
+def test_random_episode_runs_to_the_budget_and_the_reward_set_miou_rises(camvid_root):
+    env = gym.make(
+        "RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), mode="train", start_network="scratch",
+        subset={"reward": 20},
+    )  # fmt: skip
+    _, info = env.reset(seed=0)
+    start = info["miou"]
+    rng = np.random.default_rng(0)
+    steps, rewards, done = 0, [], False
+    while not done:
+        action = np.array([rng.choice(np.flatnonzero(m)) for m in info["action_mask"]])
+        _, reward, term, trunc, info = env.step(action)
+        rewards.append(reward)
+        steps, done = steps + 1, term or trunc
+    assert term and steps == 20 and info["labeled_regions"] == 480
+    assert info["miou"] > start + 0.05
+    assert sum(rewards) == pytest.approx(100 * (info["miou"] - start), abs=1e-6)
+    env.close()

@@ -1,0 +1,243 @@
+"""The fast model on real CamVid images: exact loss/evaluation shortcuts, caching, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ralis_gym.data import load_dataset
+from ralis_gym.data.base import SegmentationSplit
+from ralis_gym.segmentation.base import Segmenter
+from ralis_gym.segmentation.encoder import (
+    CellEncoder,
+    EncoderConfig,
+    clear_feature_cache,
+    feature_cache_dir,
+    split_features,
+)
+from ralis_gym.segmentation.fast import (
+    FastSegmenter,
+    class_weights_from_counts,
+    default_stride,
+    fit_with_early_stopping,
+)
+
+
+@pytest.fixture(scope="module")
+def camvid(camvid_root, tmp_path_factory):
+    """(dataset, 4 val images) with every cache (decoded arrays, features) in a temporary folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RALIS_GYM_CACHE", str(tmp_path_factory.mktemp("ralis-cache")))
+    clear_feature_cache()
+    ds = load_dataset("camvid", camvid_root)
+    small = ds.split("val").subset(range(4), name="val4")
+    yield ds, small
+    clear_feature_cache()
+    mp.undo()
+
+
+def _seg(ds, seed: int = 0, **kw) -> FastSegmenter:
+    return FastSegmenter(ds.info, device="cpu", seed=seed, **kw)
+
+
+def _some_labeled(
+    seg: FastSegmenter, n_images: int, per_image: int = 3, seed: int = 0, split_size: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """A few labeled regions in each of the first ``n_images`` images: (anchor ids, labeled mask)."""
+    rng = np.random.default_rng(seed)
+    labeled = np.zeros((split_size, seg.grid.rows, seg.grid.cols), dtype=bool)
+    for i in range(n_images):
+        labeled.reshape(split_size, -1)[i, rng.choice(seg.grid.per_image, per_image, replace=False)] = True
+    image, row, col = np.nonzero(labeled)
+    return seg.grid.make_ids(image, row, col), labeled
+
+
+def _weights(seg: FastSegmenter) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in seg.head.state_dict().items()}
+
+
+def test_default_stride_and_validation(camvid):
+    ds, _ = camvid
+    assert default_stride((80, 90)) == 10
+    assert default_stride((128, 128)) == 16
+    with pytest.raises(ValueError, match="divide the region size"):
+        _seg(ds, stride=4, encoder=EncoderConfig(stride=4))  # 4 does not divide 90
+    with pytest.raises(ValueError, match="differs from the encoder stride"):
+        _seg(ds, stride=5, encoder=EncoderConfig(stride=10))
+
+
+def test_loss_falls_on_a_few_labeled_regions(camvid):
+    ds, small = camvid
+    seg = _seg(ds)
+    anchors, labeled = _some_labeled(seg, 3)
+    idx = np.arange(3)
+    seg.initialise(small, labeled)
+    before = seg.pixel_loss(small, idx, labeled)
+    losses = [seg.fit_regions(small, anchors, labeled, epochs=1) for _ in range(15)]
+    after = seg.pixel_loss(small, idx, labeled)
+    assert losses[-1] < 0.7 * losses[0]
+    assert after < 0.7 * before
+
+
+def test_loss_equals_full_resolution_pixel_cross_entropy(camvid):
+    """The cell-histogram loss is the masked, class-weighted per-pixel CE of the upsampled output."""
+    ds, small = camvid
+    seg = _seg(ds)
+    anchors, labeled = _some_labeled(seg, 4, per_image=5)
+    seg.fit_regions(small, anchors, labeled, epochs=2)
+    idx = np.arange(4)
+    probs = seg.predict_proba(small, idx)
+    pixel_mask = seg.grid.pixel_mask(labeled)
+    target = np.where(pixel_mask, small.labels[idx], ds.info.ignore_index).astype(np.int64)
+    expected = F.nll_loss(
+        torch.log(probs),
+        torch.from_numpy(target),
+        weight=seg.head.class_weights,
+        ignore_index=ds.info.ignore_index,
+    )
+    assert seg.pixel_loss(small, idx, labeled) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_pixels_outside_labeled_regions_do_not_matter(camvid):
+    ds, small = camvid
+    probe = _seg(ds)
+    anchors, labeled = _some_labeled(probe, 4)
+    outside = ~probe.grid.pixel_mask(labeled)
+    changed = small.labels.copy()
+    changed[outside] = (changed[outside].astype(np.int64) + 3) % ds.info.num_classes
+    changed[outside & (np.arange(changed.shape[2]) % 7 == 0)] = ds.info.ignore_index
+    relabeled = SegmentationSplit(ds.info, "val4-relabeled", small.image_names, small.images, changed)
+    assert (relabeled.labels != small.labels).any()
+
+    a, b = _seg(ds, seed=5), _seg(ds, seed=5)
+    loss_a = a.fit_regions(small, anchors, labeled, epochs=3)
+    loss_b = b.fit_regions(relabeled, anchors, labeled, epochs=3)
+    assert loss_a == loss_b
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.pixel_loss(small, np.arange(4), labeled) == b.pixel_loss(relabeled, np.arange(4), labeled)
+
+
+def test_unlabeled_anchor_contributes_nothing(camvid):
+    ds, small = camvid
+    seg = _seg(ds)
+    _, labeled = _some_labeled(seg, 4)
+    seg.initialise(small, labeled)
+    image, row, col = np.nonzero(~labeled)
+    before = _weights(seg)
+    assert seg.fit_regions(small, seg.grid.make_ids(image[:5], row[:5], col[:5]), labeled) == 0.0
+    after = _weights(seg)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fast_evaluate_equals_full_resolution_evaluate(camvid):
+    ds, small = camvid
+    seg = _seg(ds)
+    seg.fit_images(small, epochs=2)
+    for bs in (None, 3):
+        fast = seg.evaluate(small, batch_size=bs)
+        full = Segmenter.evaluate(seg, small, batch_size=bs)
+        assert np.array_equal(fast.confusion, full.confusion)
+        assert fast.miou == full.miou
+    # labels holding the ignore id are excluded from both
+    assert fast.confusion.sum() == int((small.labels != ds.info.ignore_index).sum())
+
+
+def test_predict_proba_shapes_and_normalisation(camvid):
+    ds, small = camvid
+    seg = _seg(ds)
+    seg.fit_images(small, epochs=1)
+    probs = seg.predict_proba(small, [0, 2])
+    w, h = ds.info.image_size
+    assert probs.shape == (2, ds.info.num_classes, h, w)
+    assert probs.dtype == torch.float32
+    assert torch.all(probs >= 0)
+    assert torch.allclose(probs.sum(1), torch.ones(2, h, w), atol=1e-5)
+    # nearest upsampling: constant inside every stride x stride cell
+    s = seg.stride
+    cells = probs.reshape(2, ds.info.num_classes, h // s, s, w // s, s)
+    assert torch.equal(cells, cells[:, :, :, :1, :, :1].expand_as(cells))
+    assert np.array_equal(seg.predict(small, [0, 2]), probs.argmax(1).numpy().astype(np.uint8))
+
+
+def test_same_seed_same_weights(camvid):
+    ds, small = camvid
+    anchors = np.arange(len(small) * _seg(ds).grid.per_image)
+    runs = []
+    for seed in (7, 7, 8):
+        seg = _seg(ds, seed=seed, hflip=True, train_dropout=True)
+        labeled = np.ones((len(small), seg.grid.rows, seg.grid.cols), dtype=bool)
+        seg.fit_regions(small, anchors, labeled, epochs=2)
+        runs.append(_weights(seg))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["fc1.weight"], runs[2]["fc1.weight"])
+
+
+def test_mc_dropout_differs_between_passes_and_is_reproducible(camvid):
+    ds, small = camvid
+    seg = _seg(ds)
+    seg.fit_images(small, epochs=1)
+    plain = seg.predict_proba(small, [1])
+    assert torch.equal(plain, seg.predict_proba(small, [1]))  # no dropout outside MC passes
+    state = seg.generator.get_state()
+    mc = seg.mc_dropout_proba(small, [1], passes=3)
+    assert mc.shape == (3, *plain.shape)
+    assert not torch.equal(mc[0], mc[1]) and not torch.equal(mc[1], mc[2])
+    assert torch.allclose(mc.sum(2), torch.ones_like(mc[:, :, 0]), atol=1e-5)
+    seg.generator.set_state(state)
+    assert torch.equal(mc, seg.mc_dropout_proba(small, [1], passes=3))
+
+
+def test_feature_cache_hit_returns_identical_features(camvid):
+    ds, small = camvid
+    seg = _seg(ds)
+    first = seg.features(small)
+    assert seg.features(small) is not None and torch.equal(seg.features(small), first)
+    files = list((feature_cache_dir() / seg.encoder.config.key).glob(f"{small.key}-*.npy"))
+    assert len(files) == 1
+    clear_feature_cache()
+    from_disk = seg.features(small)  # memory cleared: read back from the .npy file
+    assert torch.equal(from_disk, first)
+    clear_feature_cache()
+    fresh = split_features(seg.encoder, small, disk_cache=False).view_as(first)  # encode again
+    assert torch.equal(fresh, first)
+    assert first.dtype == torch.float16 and first.shape == (len(small), seg.cells, seg.encoder.dim)
+
+
+def test_encoder_is_flip_equivariant(camvid):
+    _, small = camvid
+    enc = CellEncoder()
+    images = np.asarray(small.images[:2])
+    feats = enc.encode(images)
+    mirrored = enc.encode(np.ascontiguousarray(images[:, :, ::-1]))
+    expected = feats.flip(2)[..., enc.flip_permutation()]
+    assert torch.allclose(mirrored, expected, atol=2e-3, rtol=1e-3)
+
+
+def test_model_state_round_trip(camvid):
+    ds, small = camvid
+    seg = _seg(ds, hidden=32)
+    seg.fit_images(small, epochs=1)
+    state = seg.model_state()
+    clone = FastSegmenter.from_state(ds.info, state, device="cpu")
+    assert clone.hidden == 32 and clone.is_initialised
+    assert torch.equal(clone.cell_proba(small, [0, 1]), seg.cell_proba(small, [0, 1]))
+    other = _seg(ds, hidden=32, encoder=EncoderConfig(context_sizes=(3, 7)))
+    with pytest.raises(ValueError, match="encoder features"):
+        other.load_model_state(state)
+
+
+def test_class_weights_and_early_stopping(camvid):
+    ds, small = camvid
+    w = class_weights_from_counts(np.array([100, 25, 0, 400]), "sqrt_median")
+    assert w[2] == w.max() and w[0] > w[3] and w[1] > w[0]
+    assert torch.equal(class_weights_from_counts(np.array([1, 2]), "none"), torch.ones(2))
+    seg = _seg(ds)
+    out = fit_with_early_stopping(
+        seg, small.subset([0, 1], name="val-a"), small.subset([2, 3], name="val-b"), 4, 1
+    )
+    assert 1 <= len(out["history"]) <= 4
+    assert out["best_miou"] == max(h["val_miou"] for h in out["history"])
+    assert seg.evaluate(small.subset([2, 3], name="val-b")).miou == pytest.approx(out["best_miou"])

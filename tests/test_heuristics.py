@@ -1,0 +1,85 @@
+"""Heuristic score maps against brute-force loops, and the heuristic agents' choices."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agents.heuristics import (
+    HEURISTIC_AGENTS,
+    RandomAgent,
+    make_heuristic_agent,
+    masked_argmax,
+    pixel_bald,
+    pixel_class_rarity,
+    pixel_entropy,
+    pixel_margin,
+)
+
+
+def _probs(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(*shape, generator=g) * 2, dim=-3)
+
+
+def test_entropy_margin_rarity_equal_brute_force_loops():
+    p = _probs(2, 4, 3, 5)
+    freq = torch.tensor([10.0, 1.0, 0.5, 100.0])
+    ent, mar, rar = pixel_entropy(p), pixel_margin(p), pixel_class_rarity(p, freq)
+    pi = (freq / freq.sum()).tolist()
+    for b in range(2):
+        for y in range(3):
+            for x in range(5):
+                col = [float(p[b, c, y, x]) for c in range(4)]
+                assert ent[b, y, x].item() == pytest.approx(
+                    -sum(v * math.log(v + 1e-10) for v in col), rel=1e-5
+                )
+                top = sorted(col, reverse=True)
+                assert mar[b, y, x].item() == pytest.approx(1 - (top[0] - top[1]), rel=1e-5)
+                expect = sum(v * -math.log(q + 1e-6) for v, q in zip(col, pi))
+                assert rar[b, y, x].item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_bald_equals_brute_force_and_is_zero_without_disagreement():
+    mc = _probs(6, 2, 3, 4, 4, seed=1)  # [T, B, C, H, W]
+    bald = pixel_bald(mc)
+    for b in range(2):
+        for y in range(4):
+            for x in range(4):
+                passes = [[float(mc[t, b, c, y, x]) for c in range(3)] for t in range(6)]
+                mean = [sum(p[c] for p in passes) / 6 for c in range(3)]
+                h = lambda v: -sum(a * math.log(a + 1e-10) for a in v)  # noqa: E731
+                assert bald[b, y, x].item() == pytest.approx(
+                    h(mean) - sum(h(p) for p in passes) / 6, abs=1e-5
+                )
+    same = mc[:1].expand(5, -1, -1, -1, -1)
+    assert pixel_bald(same).abs().max().item() < 1e-5
+    assert (bald >= -1e-6).all()
+
+
+def test_masked_argmax_never_picks_a_masked_slot():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scores = rng.normal(size=(4, 6))
+        mask = rng.random((4, 6)) > 0.5
+        mask[0] = False
+        mask[1, 2] = True
+        best = masked_argmax(scores, mask)
+        assert best[0] == 0
+        for k in range(1, 4):
+            if mask[k].any():
+                assert mask[k, best[k]] and scores[k, best[k]] == scores[k][mask[k]].max()
+
+
+def test_random_agent_respects_masks_and_seed():
+    mask = np.zeros((5, 4), dtype=np.float32)
+    mask[:, 1:3] = 1
+    obs = {"action_mask": mask}
+    a = [RandomAgent(seed=3).predict(obs)[0] for _ in range(2)]
+    assert (a[0] == a[1]).all() and set(np.unique(a[0])) <= {1, 2}
+    assert set(HEURISTIC_AGENTS) == {"random", "entropy", "margin", "bald", "class_balance"}
+    with pytest.raises(ValueError, match="unknown heuristic"):
+        make_heuristic_agent("coreset")
