@@ -241,3 +241,13 @@ def test_class_weights_and_early_stopping(camvid):
     assert 1 <= len(out["history"]) <= 4
     assert out["best_miou"] == max(h["val_miou"] for h in out["history"])
     assert seg.evaluate(small.subset([2, 3], name="val-b")).miou == pytest.approx(out["best_miou"])
+
+
+def test_prediction_maps_match_full_resolution(camvid):
+    ds, small = camvid
+    seg = _seg(ds)
+    seg.fit_images(small, epochs=1)
+    pred, ent = seg.prediction_maps(small, np.arange(3))
+    ref_pred, ref_ent = Segmenter.prediction_maps(seg, small, np.arange(3))
+    assert torch.equal(pred, ref_pred)
+    assert torch.allclose(ent, ref_ent, atol=1e-6)

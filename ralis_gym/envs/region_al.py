@@ -20,9 +20,8 @@ from ralis_gym.errors import ConfigError
 from ralis_gym.features import (
     candidate_features,
     class_distribution,
+    region_tables_from_maps,
     region_vector_dim,
-    region_vectors,
-    state_features,
 )
 from ralis_gym.regions import CandidatePools, RegionGrid, RegionPool
 from ralis_gym.segmentation import build_segmenter
@@ -339,21 +338,28 @@ class RegionALEnv(gym.Env):
         ids = self._pools.region_ids[self._pools.mask]
         image, row, col = self.grid.split_ids(ids)
         images, slot = np.unique(image, return_inverse=True)
-        probs = torch.cat([p for _, p in self.segmenter.iter_proba(self.pool_split, images)])
-        vecs = region_vectors(
-            probs, torch.from_numpy(slot), torch.from_numpy(row), torch.from_numpy(col), self.grid
-        )
-        del probs
+        tables = self._region_tables(self.pool_split, images)
+        vecs = tables[torch.from_numpy(slot), torch.from_numpy(row), torch.from_numpy(col)]
         cands = candidate_features(
             vecs, self._labeled_dists, self._pools.shape, mask=torch.from_numpy(self._pools.mask)
         )
-        state_probs = torch.cat([p for _, p in self.segmenter.iter_proba(self.state_split)])
-        state = state_features(state_probs, self.grid)
+        # Row i of the state is region id i of D_S: image-major, x-major inside an image (spec §4).
+        state_tables = self._region_tables(self.state_split, np.arange(len(self.state_split)))
+        state = state_tables.permute(0, 2, 1, 3).reshape(-1, state_tables.shape[-1])
         return {
             "state": state.cpu().numpy().astype(np.float32),
             "candidates": cands.cpu().numpy().astype(np.float32),
             "action_mask": self._pools.mask.astype(np.float32),
         }
+
+    def _region_tables(self, split: SegmentationSplit, images: np.ndarray) -> torch.Tensor:
+        """Region vectors ``[I, rows, cols, Ds]`` of every region of the given images, in chunks."""
+        chunk = max(1, self.segmenter.default_batch_size())
+        parts = []
+        for start in range(0, len(images), chunk):
+            pred, ent = self.segmenter.prediction_maps(split, images[start : start + chunk])
+            parts.append(region_tables_from_maps(pred, ent, self.info_.num_classes, self.grid))
+        return torch.cat(parts)
 
     def _zero_observation(self) -> dict[str, np.ndarray]:
         self._pools = CandidatePools(

@@ -133,27 +133,43 @@ def region_tables(
     few copies of the chunk) stay bounded whatever ``I`` is.
     """
     _check_probs(probs, grid)
-    kernel = pool_kernel(grid)
     n_img, n_cls = probs.shape[:2]
-    bins = n_cls + 1
-    per_image = grid.per_image
-    device = probs.device
-    local = _local_region_map(grid, device)
-    out = torch.empty(n_img, grid.rows, grid.cols, bins + POOL_FEATURES, dtype=torch.float32, device=device)
+    out = torch.empty(
+        n_img, grid.rows, grid.cols, n_cls + 1 + POOL_FEATURES, dtype=torch.float32, device=probs.device
+    )
     step = max(1, image_chunk_elems // max(1, probs[0].numel()))
     for start in range(0, n_img, step):
         p = probs[start : start + step].float()
-        n = p.shape[0]
-        # Arg-max histogram of every (image, region): one bincount over (image, region, class) keys.
-        offsets = torch.arange(n, device=device)[:, None, None] * per_image + local
-        keys = p.argmax(1) + bins * offsets
-        counts = torch.bincount(keys.view(-1), minlength=n * per_image * bins)
-        counts = counts.view(n, grid.rows, grid.cols, bins)
-        # `zeros + 1e-7; v[present] = counts`: present classes hold exact counts, absent ones 1e-7.
-        out[start : start + n, ..., :bins] = torch.where(
-            counts > 0, counts.to(torch.float32), torch.full((), HIST_FLOOR, device=device)
-        )
-        out[start : start + n, ..., bins:] = _pool_cells(entropy_map(p), grid, kernel)
+        out[start : start + p.shape[0]] = region_tables_from_maps(p.argmax(1), entropy_map(p), n_cls, grid)
+    return out
+
+
+@torch.no_grad()
+def region_tables_from_maps(
+    prediction: torch.Tensor, entropy: torch.Tensor, num_classes: int, grid: RegionGrid
+) -> torch.Tensor:
+    """:func:`region_tables` from the arg-max ``[I, H, W]`` and entropy ``[I, H, W]`` maps.
+
+    Models whose predictions are piecewise constant (the fast model's cells) compute both maps at
+    cell resolution and expand them, which avoids the full-resolution ``[I, C, H, W]`` softmax.
+    """
+    kernel = pool_kernel(grid)
+    n = prediction.shape[0]
+    bins = num_classes + 1
+    device = prediction.device
+    local = _local_region_map(grid, device)
+    # Arg-max histogram of every (image, region): one bincount over (image, region, class) keys.
+    offsets = torch.arange(n, device=device)[:, None, None] * grid.per_image + local
+    keys = prediction.long() + bins * offsets
+    counts = torch.bincount(keys.view(-1), minlength=n * grid.per_image * bins).view(
+        n, grid.rows, grid.cols, bins
+    )
+    out = torch.empty(n, grid.rows, grid.cols, bins + POOL_FEATURES, dtype=torch.float32, device=device)
+    # `zeros + 1e-7; v[present] = counts`: present classes hold exact counts, absent ones 1e-7.
+    out[..., :bins] = torch.where(
+        counts > 0, counts.to(torch.float32), torch.full((), HIST_FLOOR, device=device)
+    )
+    out[..., bins:] = _pool_cells(entropy.float(), grid, kernel)
     return out
 
 

@@ -131,6 +131,17 @@ class Segmenter(ABC):
         return torch.stack([self._forward_proba(split, idx, dropout=True) for _ in range(passes)])
 
     @torch.no_grad()
+    def prediction_maps(
+        self, split: SegmentationSplit, indices: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Arg-max ``[B, H, W]`` and entropy ``[B, H, W]`` maps at full resolution (the inputs of the
+        spec §4 region features). Models with a cheaper exact path (the fast model) override it."""
+        from ralis_gym.features.regions import entropy_map
+
+        probs = self.predict_proba(split, indices)
+        return probs.argmax(1), entropy_map(probs)
+
+    @torch.no_grad()
     def evaluate(
         self, split: SegmentationSplit, batch_size: int | None = None, progress: bool = False
     ) -> SegmentationMetrics:

@@ -429,21 +429,33 @@ class FastSegmenter(Segmenter):
     def cell_proba(
         self, split: SegmentationSplit, indices: np.ndarray, dropout: bool = False
     ) -> torch.Tensor:
-        """Softmax per cell, ``[B, cells, C]`` float32 on ``self.device`` (eval path, no grad)."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        x = self.features(split)[idx].to(self.device, torch.float32)
-        w, b = self.head.folded_input_layer()
-        pos = self._positions @ self.head.pos.weight.T + b  # [cells, hidden], shared by the batch
-        h = F.relu(torch.matmul(x, w.T) + pos)
-        h = F.relu(self.head.fc2(h))
+        """Softmax per cell, ``[B, C, cells]`` float32 on ``self.device`` (eval path, no grad).
+
+        Tuned for the reward-set evaluation that follows every AL step: a contiguous range of images
+        is sliced (no gather), the standardisation is folded into ``fc1``, activations are updated in
+        place, and the classifier writes class-major logits so the softmax runs over a leading axis.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        feats = self.features(split)
+        if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+            x = feats[int(idx[0]) : int(idx[0]) + idx.size]
+        else:
+            x = feats[torch.from_numpy(idx)]
+        x = x.to(self.device, torch.float32)
+        head = self.head
+        w, b = head.folded_input_layer()
+        pos = torch.addmm(b, self._positions, head.pos.weight.T)  # [cells, hidden], shared by the batch
+        h = torch.matmul(x, w.T).add_(pos).relu_()
+        h = torch.matmul(h, head.fc2.weight.T).add_(head.fc2.bias).relu_()
         if dropout and self.dropout > 0:
-            h = h * self._drop_mask(tuple(h.shape))
-        return torch.softmax(self.head.cls(h), dim=-1)
+            h.mul_(self._drop_mask(tuple(h.shape)))
+        logits = torch.matmul(head.cls.weight, h.transpose(1, 2)).add_(head.cls.bias[:, None])
+        return torch.softmax(logits, dim=1)
 
     def _upsample(self, cell_values: torch.Tensor) -> torch.Tensor:
-        """``[B, cells, K]`` -> ``[B, K, H, W]`` by nearest-neighbour (every pixel copies its cell)."""
-        b, _, k = cell_values.shape
-        grid = cell_values.transpose(1, 2).reshape(b, k, self.rows, self.cols)
+        """``[B, K, cells]`` -> ``[B, K, H, W]`` by nearest-neighbour (every pixel copies its cell)."""
+        b, k, _ = cell_values.shape
+        grid = cell_values.reshape(b, k, self.rows, self.cols)
         return grid.repeat_interleave(self.stride, dim=2).repeat_interleave(self.stride, dim=3)
 
     @torch.no_grad()
@@ -453,13 +465,28 @@ class FastSegmenter(Segmenter):
         return self._upsample(self.cell_proba(split, indices, dropout=dropout)).contiguous()
 
     @torch.no_grad()
+    def prediction_maps(
+        self, split: SegmentationSplit, indices: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Arg-max and entropy maps computed per cell, then expanded: the same numbers as from the
+        upsampled softmax without ever building the ``[B, C, H, W]`` tensor."""
+        idx = np.asarray(indices, dtype=np.int64)
+        preds, ents = [], []
+        for start in range(0, idx.size, self.default_batch_size()):
+            p = self.cell_proba(split, idx[start : start + self.default_batch_size()])
+            ent = -(p * torch.log(p + 1e-10)).sum(1, keepdim=True)
+            preds.append(self._upsample(p.argmax(1, keepdim=True))[:, 0])
+            ents.append(self._upsample(ent)[:, 0])
+        return torch.cat(preds), torch.cat(ents)
+
+    @torch.no_grad()
     def predict(self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Arg-max class map ``[B, H, W]`` uint8 (argmax per cell, then upsampled: same result, cheaper)."""
         idx = np.asarray(indices, dtype=np.int64)
         bs = self.default_batch_size()
         out = []
         for start in range(0, idx.size, bs):
-            pred = self.cell_proba(split, idx[start : start + bs]).argmax(-1, keepdim=True)
+            pred = self.cell_proba(split, idx[start : start + bs]).argmax(1, keepdim=True)
             out.append(self._upsample(pred)[:, 0].to(torch.uint8).cpu())
         if not out:
             h, w = self.info.image_size[1], self.info.image_size[0]
@@ -485,7 +512,7 @@ class FastSegmenter(Segmenter):
         starts = range(0, len(split), bs)
         for start in tqdm(starts, desc=f"eval {split.name}", leave=False, disable=not progress):
             idx = np.arange(start, min(start + bs, len(split)))
-            pred = self.cell_proba(split, idx).argmax(-1).reshape(-1).cpu()
+            pred = self.cell_proba(split, idx).argmax(1).reshape(-1).cpu()
             cm.index_add_(1, pred, hist[start : start + idx.size].reshape(-1, c).T.long())
         return SegmentationMetrics.from_confusion(cm)
 
@@ -582,7 +609,7 @@ class FastSegmenter(Segmenter):
         """
         idx = np.asarray(indices, dtype=np.int64)
         with torch.no_grad():
-            p = self.cell_proba(split, idx)
+            p = self.cell_proba(split, idx).transpose(1, 2)
             mask = self._cell_mask(np.asarray(labeled, dtype=bool)[idx]).to(self.device)
             y = self.targets(split)[torch.from_numpy(idx)].to(self.device, torch.float32) * mask.unsqueeze(-1)
             target = y * self.head.class_weights
