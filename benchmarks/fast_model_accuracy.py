@@ -2,19 +2,20 @@
 
 Prints: encoder time for all 701 images (cold, then cached), the time of one AL-step-sized
 ``fit_regions`` (24 anchors) + a full ``evaluate`` of D_R, and test mIoU of heads pretrained with
-``fit_with_early_stopping`` (model selection on D_R = val) on D_S (10 images), D_T (100) and all 367
-train images, with the pretraining time of each.
+``fit_with_early_stopping`` (model selection on D_R = val) on D_S (10 images), D_S then D_T (the
+``source+dt`` start network), D_T (100) and all 367 train images, with the pretraining time of each.
+``--al-sim 1e-4,3e-4,1e-3`` adds 20 random-acquisition AL steps on D_T from the D_S head per lr.
 
     RALIS_GYM_CACHE=/tmp/ralis-cache python benchmarks/fast_model_accuracy.py [--data-root DIR]
-        [--stride 10] [--hidden 128] [--lr 0.01] [--class-weighting sqrt_median] [--hflip]
-        [--sets d_s,d_t,train] [--max-epochs 60] [--patience 15] [--threads 2]
+        [--stride 10] [--hidden 96] [--lr 3e-4] [--pretrain-lr 1e-2] [--class-weighting sqrt_median]
+        [--hflip] [--offset-context 3] [--sets d_s,source+dt,d_t,train] [--max-epochs 300]
+        [--patience 30] [--al-sim 3e-4,1e-3] [--threads 2] [--skip-cold]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import tempfile
 import time
 
 import numpy as np
@@ -38,13 +39,17 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--stride", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=None, help="AL-step learning rate (fit_regions)")
+    parser.add_argument("--pretrain-lr", type=float, default=None, help="fit_images learning rate")
+    parser.add_argument(
+        "--al-sim", default="", help="comma-separated AL lrs: 20 random-acquisition steps from the d_s head"
+    )
     parser.add_argument("--class-weighting", default="sqrt_median")
     parser.add_argument("--hflip", action="store_true")
     parser.add_argument("--offset-context", type=int, default=None, help="encoder offset_context (cells)")
     parser.add_argument("--context-sizes", default=None, help="encoder box context sizes, e.g. 3,7,15")
     parser.add_argument("--train-dropout", action="store_true")
-    parser.add_argument("--sets", default="d_s,d_t,train")
+    parser.add_argument("--sets", default="d_s,source+dt,d_t,train")
     parser.add_argument("--max-epochs", type=int, default=pretrain_schedule()["max_epochs"])
     parser.add_argument("--patience", type=int, default=pretrain_schedule()["patience"])
     parser.add_argument("--seed", type=int, default=0)
@@ -65,7 +70,8 @@ def main() -> None:
     kw = dict(
         encoder=enc,
         **({} if args.hidden is None else {"hidden": args.hidden}),
-        lr=args.lr,
+        **({} if args.lr is None else {"lr": args.lr}),
+        **({} if args.pretrain_lr is None else {"pretrain_lr": args.pretrain_lr}),
         class_weighting=args.class_weighting,
         hflip=args.hflip,
         train_dropout=args.train_dropout,
@@ -97,38 +103,64 @@ def main() -> None:
     # An AL step: fit on 24 newly labeled regions of D_T, then evaluate the reward set D_R (val).
     seg = make()
     seg.fit_images(splits["d_s"], epochs=1)
-    rng = np.random.default_rng(0)
     d_t, d_r = splits["d_t"], splits["val"]
-    labeled = np.zeros((len(d_t), seg.grid.rows, seg.grid.cols), dtype=bool)
     times = []
-    for _ in range(10):
-        free = np.flatnonzero(~labeled.reshape(-1))
-        anchors = rng.choice(free, 24, replace=False)
-        labeled.reshape(-1)[anchors] = True
+    for _, ids, labeled in random_acquisition(seg, d_t, steps=20):
         t0 = time.perf_counter()
-        seg.fit_regions(d_t, anchors, labeled, epochs=1)
+        seg.fit_regions(d_t, ids, labeled, epochs=1)
         miou = seg.evaluate(d_r).miou
         times.append(time.perf_counter() - t0)
     print(
         f"AL step (fit 24 anchors + evaluate D_R 101 images): median {np.median(times) * 1000:.0f} ms "
-        f"(min {min(times) * 1000:.0f} ms), last D_R mIoU {miou:.4f}"
+        f"(min {min(times) * 1000:.0f} ms) over {len(times)} steps, last D_R mIoU {miou:.4f}"
     )
 
-    with tempfile.TemporaryDirectory():
-        for name in [s for s in args.sets.split(",") if s]:
-            seg = make()
-            t0 = time.perf_counter()
-            out = fit_with_early_stopping(
-                seg, splits[name], splits["val"], max_epochs=args.max_epochs, patience=args.patience
-            )
-            elapsed = time.perf_counter() - t0
-            test = seg.evaluate(splits["test"])
-            ious = " ".join(f"{v * 100:.0f}" for v in test.iou)
-            print(
-                f"head on {name:5s} ({len(splits[name])} img): test mIoU {test.miou * 100:.1f} "
-                f"(pixel acc {test.pixel_accuracy * 100:.1f}), best val {out['best_miou'] * 100:.1f} at epoch "
-                f"{out['best_epoch']} of {len(out['history'])}, {elapsed:.0f} s; test IoU per class: {ious}"
-            )
+    heads: dict[str, dict] = {}
+    for name in [s for s in args.sets.split(",") if s]:
+        seg = make()
+        parent = None
+        if name == "source+dt":  # the start network of evaluation episodes: D_S head fine-tuned on D_T
+            parent = heads.get("d_s")
+            if parent is None:
+                raise SystemExit("--sets: put d_s before source+dt")
+            seg.load_model_state(parent)
+        train = splits["d_t" if name == "source+dt" else name]
+        t0 = time.perf_counter()
+        out = fit_with_early_stopping(seg, train, d_r, max_epochs=args.max_epochs, patience=args.patience)
+        elapsed = time.perf_counter() - t0
+        heads[name] = seg.model_state()
+        test = seg.evaluate(splits["test"])
+        ious = " ".join(f"{v * 100:.0f}" for v in test.iou)
+        print(
+            f"head on {name:9s} ({len(train)} img): test mIoU {test.miou * 100:.1f} "
+            f"(pixel acc {test.pixel_accuracy * 100:.1f}), best val {out['best_miou'] * 100:.1f} at epoch "
+            f"{out['best_epoch']} of {len(out['history'])}, {elapsed:.0f} s; test IoU per class: {ious}",
+            flush=True,
+        )
+
+    if args.al_sim:
+        if "d_s" not in heads:
+            raise SystemExit("--al-sim needs d_s in --sets (the start network of the simulation)")
+        for lr in (float(v) for v in args.al_sim.split(",")):
+            seg = FastSegmenter.from_state(ds.info, heads["d_s"], device="cpu", seed=args.seed, lr=lr)
+            trajectory = [seg.evaluate(d_r).miou]
+            for _, ids, labeled in random_acquisition(seg, d_t, steps=20):
+                seg.fit_regions(d_t, ids, labeled, epochs=1)
+                seg.step_lr()
+                seg.step_lr()
+                trajectory.append(seg.evaluate(d_r).miou)
+            print(f"AL sim lr {lr:g}: D_R mIoU per step " + " ".join(f"{m * 100:.1f}" for m in trajectory))
+
+
+def random_acquisition(seg: FastSegmenter, pool, steps: int, k: int = 24, seed: int = 0):
+    """Yield ``(step, new region ids, labeled mask)`` labeling ``k`` uniformly random regions per step."""
+    rng = np.random.default_rng(seed)
+    labeled = np.zeros((len(pool), seg.grid.rows, seg.grid.cols), dtype=bool)
+    for step in range(steps):
+        free = np.flatnonzero(~labeled.reshape(-1))
+        flat = rng.choice(free, k, replace=False)
+        labeled.reshape(-1)[flat] = True
+        yield step, seg.grid.make_ids(*np.unravel_index(flat, labeled.shape)), labeled
 
 
 if __name__ == "__main__":

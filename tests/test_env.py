@@ -184,7 +184,7 @@ def test_evaluate_runs_the_final_protocol_and_can_restore(fast_env):
 def test_random_episode_runs_to_the_budget_and_the_reward_set_miou_rises(camvid_root):
     env = gym.make(
         "RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), mode="train", start_network="scratch",
-        subset={"reward": 20},
+        subset={"reward": 20}, model_kwargs={"lr": 0.01},  # a scratch head needs the pretraining rate
     )  # fmt: skip
     _, info = env.reset(seed=0)
     start = info["miou"]

@@ -70,7 +70,7 @@ def test_default_stride_and_validation(camvid):
 
 def test_loss_falls_on_a_few_labeled_regions(camvid):
     ds, small = camvid
-    seg = _seg(ds)
+    seg = _seg(ds, lr=1e-2)
     anchors, labeled = _some_labeled(seg, 3)
     idx = np.arange(3)
     seg.initialise(small, labeled)
@@ -227,6 +227,27 @@ def test_model_state_round_trip(camvid):
     other = _seg(ds, hidden=32, encoder=EncoderConfig(context_sizes=(3, 7)))
     with pytest.raises(ValueError, match="encoder features"):
         other.load_model_state(state)
+    with pytest.raises(ValueError, match="width 32"):
+        _seg(ds, hidden=16).load_model_state(state)
+
+
+def test_fit_images_uses_the_pretraining_rate(camvid):
+    ds, small = camvid
+    seg = _seg(ds, lr=1e-3, pretrain_lr=5e-2)
+    one = small.subset([0], name="val-one")
+    seg.fit_images(one, epochs=1)
+    seg.step_lr()
+    seen = []
+    step = seg.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append(seg.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    seg.optimizer.step = spy
+    seg.fit_images(one, epochs=1)
+    assert seen and all(v == pytest.approx(5e-2 * seg.lr_gamma) for v in seen)
+    assert seg.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * seg.lr_gamma)
 
 
 def test_class_weights_and_early_stopping(camvid):

@@ -126,6 +126,7 @@ class RegionALEnv(gym.Env):
             "reward_scale": 100.0,
             "first_reward": "difference",  # or "absolute" (reference quirk)
             "epochs_per_step": 1,
+            "train_regions": "last",  # "last": the K new regions (reference); "all": every labeled region
             "lr_decay_steps_per_step": 2,
             "final_training": {"max_epochs": 1000, "patience": 150},
             "subset": {"pool": None, "reward": None, "state": None, "test": None},
@@ -149,6 +150,8 @@ class RegionALEnv(gym.Env):
         self.render_mode = render_mode
         if cfg["mode"] not in MODE_POOL:
             raise ConfigError(f"mode must be 'train' or 'test', got {cfg['mode']!r}")
+        if cfg["train_regions"] not in ("last", "all"):
+            raise ConfigError(f"train_regions must be 'last' or 'all', got {cfg['train_regions']!r}")
         if cfg["first_reward"] not in ("difference", "absolute"):
             raise ConfigError(f"first_reward must be 'difference' or 'absolute', got {cfg['first_reward']!r}")
 
@@ -272,8 +275,9 @@ class RegionALEnv(gym.Env):
         self._selected = tuple((self.pool_split.image_names[b[0]], int(b[1]), int(b[2])) for b in boxes)
         self._last_ids = chosen
         t1 = time.perf_counter()
+        anchors = chosen if self.config["train_regions"] == "last" else self.pool.order
         for _ in range(self.config["epochs_per_step"]):
-            self.segmenter.fit_regions(self.pool_split, chosen, self.pool.labeled)
+            self.segmenter.fit_regions(self.pool_split, anchors, self.pool.labeled)
         for _ in range(self.config["lr_decay_steps_per_step"]):
             self.segmenter.step_lr()
         t2 = time.perf_counter()

@@ -92,6 +92,10 @@ class Segmenter(ABC):
         """One learning-rate decay step (the reference decays twice per AL step / final epoch)."""
 
     # --- shared ---------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters that define the model (cache keys of start networks include them)."""
+        return {"kind": self.kind, "seed": self.seed}
+
     def default_batch_size(self) -> int:
         return 4
 

@@ -224,7 +224,8 @@ class PaperSegmenter(Segmenter):
         self.eval_batch_size = eval_batch_size
         self.amp = amp
         self.imagenet_weights = imagenet_weights
-        model = build_fpn(info.num_classes, self.generator, tuple(layers))
+        self.layers = tuple(layers)
+        model = build_fpn(info.num_classes, self.generator, self.layers)
         if imagenet_weights is not None:
             load_imagenet_backbone(model, imagenet_weights)
         self.model: FPNResNet50 = model.to(self.device)
@@ -253,6 +254,12 @@ class PaperSegmenter(Segmenter):
     @property
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(), "lr": self.lr, "batch_size": self.batch_size, "crop_size": self.crop_size,
+            "imagenet_weights": self.imagenet_weights, "layers": list(self.layers),
+        }  # fmt: skip
 
     def model_state(self) -> dict[str, Any]:
         """The live ``state_dict`` (tensors share storage with the network, as torch's own).

@@ -157,14 +157,16 @@ def pretrain_start_network(
             max_epochs=max_epochs, patience=patience, force=False, progress=progress,
             evaluate_test=evaluate_test, cache_dir=cache_dir,
         )  # fmt: skip
+    seg = build_segmenter(kind, dataset.info, device=device, seed=seed, **model_kwargs)
     payload = {
+        # The segmenter's full configuration (defaults included), so changing a default retrains.
+        "model_config": seg.config(),
         "dataset": dataset.info.name, "kind": kind, "name": name, "roles": spec.train_roles,
         "model_kwargs": model_kwargs, "max_epochs": max_epochs, "patience": patience, "seed": seed,
         "parent": parent_meta["key"] if parent_meta else None, "version": 1,
     }  # fmt: skip
     key = _config_key(payload)
     path = start_network_path(dataset.info.name, kind, name, key, cache_dir)
-    seg = build_segmenter(kind, dataset.info, device=device, seed=seed, **model_kwargs)
     if path.exists() and not force:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         seg.load_model_state(ckpt["model_state"])
