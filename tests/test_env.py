@@ -199,3 +199,26 @@ def test_random_episode_runs_to_the_budget_and_the_reward_set_miou_rises(camvid_
     assert info["miou"] > start + 0.05
     assert sum(rewards) == pytest.approx(100 * (info["miou"] - start), abs=1e-6)
     env.close()
+
+
+def test_branching_a_final_training_does_not_change_the_rest_of_the_episode(fast_env):
+    """compare_methods branches ``evaluate(restore=True)`` off a run at each budget; the run must go
+    on exactly as without the branch (weights, momentum, learning-rate schedule, RNG)."""
+
+    def episode(branch: bool) -> list:
+        obs, _ = fast_env.reset(seed=11)
+        rng, out, done = np.random.default_rng(0), [], False
+        while not done:
+            action = np.array([rng.choice(np.flatnonzero(m)) for m in obs["action_mask"] > 0])
+            obs, reward, term, trunc, info = fast_env.step(action)
+            out.append((reward, info["miou"], obs["candidates"].copy()))
+            if branch and not term:
+                fast_env.evaluate(max_epochs=3, patience=5, restore=True)
+            done = term or trunc
+        return out
+
+    plain, branched = episode(False), episode(True)
+    assert len(plain) == len(branched) >= 3
+    for (ra, ma, ca), (rb, mb, cb) in zip(plain, branched):
+        assert ra == rb and ma == mb
+        np.testing.assert_array_equal(ca, cb)

@@ -83,3 +83,49 @@ def test_random_agent_respects_masks_and_seed():
     assert set(HEURISTIC_AGENTS) == {"random", "entropy", "margin", "bald", "class_balance"}
     with pytest.raises(ValueError, match="unknown heuristic"):
         make_heuristic_agent("coreset")
+
+
+@pytest.mark.parametrize("name", ["entropy", "margin", "class_balance", "bald"])
+def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
+    """``score_candidates`` works on the model's cell grid in chunks; it must give the region means
+    of the full-resolution per-pixel maps (BALD: the same dropout masks, drawn in the same order)."""
+    import gymnasium as gym
+
+    import ralis_gym  # noqa: F401
+
+    env = gym.make(
+        "RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), start_network="scratch", num_pools=4,
+        regions_per_pool=5, budget=8, subset={"pool": 12, "reward": 2, "state": 1},
+    )  # fmt: skip
+    obs, _ = env.reset(seed=3)
+    base = env.unwrapped
+    obs, *_ = env.step(np.zeros(4, dtype=np.int64))  # something labeled: class_balance uses it
+    seg, grid, pools = base.segmenter, base.grid, base._pools
+    state = seg.generator.get_state()
+    scores = base.score_candidates(name, mc_passes=3)
+    image, row, col = grid.split_ids(pools.region_ids[pools.mask])
+    images, slot = np.unique(image, return_inverse=True)
+    seg.generator.set_state(state)
+    chunks = [
+        images[i : i + seg.default_batch_size()] for i in range(0, images.size, seg.default_batch_size())
+    ]
+    if name == "bald":
+        maps = torch.cat([pixel_bald(seg.mc_dropout_proba(base.pool_split, c, passes=3)) for c in chunks])
+    else:
+        probs = seg.predict_proba(base.pool_split, images)
+        if name == "entropy":
+            maps = pixel_entropy(probs)
+        elif name == "margin":
+            maps = pixel_margin(probs)
+        else:
+            freq = torch.as_tensor(base.pool.class_pixels[:-1]).double() + probs.double().sum(dim=(0, 2, 3))
+            maps = pixel_class_rarity(probs.double(), freq)
+    expected = np.full(pools.shape, -np.inf)
+    rh, rw = grid.region_size[1], grid.region_size[0]
+    # Brute force on purpose: one region at a time, at full resolution.
+    expected[pools.mask] = [
+        float(maps[s, r * rh : (r + 1) * rh, c * rw : (c + 1) * rw].double().mean())
+        for s, r, c in zip(slot, row, col)
+    ]
+    assert np.allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert np.isneginf(scores[~pools.mask]).all()

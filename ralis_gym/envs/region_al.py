@@ -178,6 +178,7 @@ class RegionALEnv(gym.Env):
         )
 
         self.segmenter, self.start_meta = self._load_start_network()
+        self.segmenter.reset_optimizer()  # every episode starts with a fresh optimiser and schedule
         self._start = self.segmenter.snapshot()
         self.device = self.segmenter.device
 
@@ -452,23 +453,35 @@ class RegionALEnv(gym.Env):
             return scores
         image, row, col = self.grid.split_ids(self._pools.region_ids[mask])
         images, slot = np.unique(image, return_inverse=True)
-        if heuristic == "bald":
-            maps = pixel_bald(self.segmenter.mc_dropout_proba(self.pool_split, images, passes=mc_passes))
-        else:
-            probs = self.segmenter.predict_proba(self.pool_split, images)
-            if heuristic == "entropy":
-                maps = pixel_entropy(probs)
-            elif heuristic == "margin":
-                maps = pixel_margin(probs)
+        seg, rows, cols = self.segmenter, self.grid.rows, self.grid.cols
+        # Region means are taken on the model's native output grid, a chunk of images at a time:
+        # T x B x C x H x W MC-dropout tensors of a whole pool would not fit in memory.
+        per_image = []
+        for start in range(0, images.size, max(1, seg.default_batch_size())):
+            chunk = images[start : start + max(1, seg.default_batch_size())]
+            if heuristic == "bald":
+                maps = pixel_bald(seg.native_proba(self.pool_split, chunk, passes=mc_passes))
             else:
-                predicted = probs.sum(dim=(0, 2, 3)).double()
-                labeled = torch.as_tensor(
-                    self.pool.class_pixels[:-1], dtype=torch.float64, device=predicted.device
-                )
-                maps = pixel_class_rarity(probs, labeled + predicted)
-        means = self.grid.region_view(maps).mean(dim=(-3, -1))  # [I, rows, cols]
+                probs = seg.native_proba(self.pool_split, chunk)
+                if heuristic == "entropy":
+                    maps = pixel_entropy(probs)
+                elif heuristic == "margin":
+                    maps = pixel_margin(probs)
+                else:  # class_balance: per-class region means, combined once all frequencies are known
+                    maps = probs
+            h, w = maps.shape[-2:]
+            view = maps.reshape(*maps.shape[:-2], rows, h // rows, cols, w // cols)
+            per_image.append(view.mean(dim=(-3, -1)).double())  # [B, (C,) rows, cols]
+        means = torch.cat(per_image)
+        if heuristic == "class_balance":
+            area = self.grid.region_size[0] * self.grid.region_size[1]
+            predicted = means.sum(dim=(0, 2, 3)) * area  # expected predicted pixels per class
+            labeled = torch.as_tensor(
+                self.pool.class_pixels[:-1], dtype=torch.float64, device=predicted.device
+            )
+            means = pixel_class_rarity(means, labeled + predicted)
         idx = [torch.as_tensor(a, device=means.device) for a in (slot, row, col)]
-        scores[mask] = means[idx[0], idx[1], idx[2]].double().cpu().numpy()
+        scores[mask] = means[idx[0], idx[1], idx[2]].cpu().numpy()
         return scores
 
     def render(self) -> np.ndarray | None:

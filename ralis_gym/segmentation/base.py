@@ -135,6 +135,20 @@ class Segmenter(ABC):
         return torch.stack([self._forward_proba(split, idx, dropout=True) for _ in range(passes)])
 
     @torch.no_grad()
+    def native_proba(
+        self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray, passes: int | None = None
+    ) -> torch.Tensor:
+        """Softmax at the model's own output resolution: ``[B, C, h, w]``, or ``[T, B, C, h, w]`` of
+        ``passes`` MC-dropout passes. Nearest-upsampling it to ``H x W`` gives the full-resolution
+        probabilities, and ``h``/``w`` are multiples of the region rows/columns, so the mean of any
+        per-pixel map over a region can be taken here exactly (the fast model's cell grid is ~100x
+        smaller than the image). The default is the full resolution."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if passes is None:
+            return self._forward_proba(split, idx)
+        return self.mc_dropout_proba(split, idx, passes=passes)
+
+    @torch.no_grad()
     def prediction_maps(
         self, split: SegmentationSplit, indices: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,10 +183,19 @@ class Segmenter(ABC):
         return self.fit_regions(split, anchors, labeled, epochs=epochs, progress=progress)
 
     def snapshot(self) -> dict[str, Any]:
-        """Deep copy of everything that training changes (weights, optimiser, schedule, RNG)."""
-        return {"model": copy.deepcopy(self.model_state()), "rng": self.generator.get_state()}
+        """Deep copy of everything that training changes (weights, optimiser momentum, learning-rate
+        schedule, RNG), so that ``restore`` continues exactly as if nothing had happened in between
+        (the benchmarks branch a final training off an active-learning run and then go on)."""
+        snap = {"model": copy.deepcopy(self.model_state()), "rng": self.generator.get_state()}
+        for name in ("optimizer", "scheduler"):
+            if getattr(self, name, None) is not None:
+                snap[name] = copy.deepcopy(getattr(self, name).state_dict())
+        return snap
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         self.load_model_state(copy.deepcopy(snapshot["model"]))
         self.generator.set_state(snapshot["rng"])
         self.reset_optimizer()
+        for name in ("optimizer", "scheduler"):
+            if name in snapshot:
+                getattr(self, name).load_state_dict(copy.deepcopy(snapshot[name]))

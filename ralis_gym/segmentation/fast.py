@@ -471,16 +471,8 @@ class FastSegmenter(Segmenter):
         return mask.to(self.device)
 
     @torch.no_grad()
-    def cell_proba(
-        self, split: SegmentationSplit, indices: np.ndarray, dropout: bool = False
-    ) -> torch.Tensor:
-        """Softmax per cell, ``[B, C, cells]`` float32 on ``self.device`` (eval path, no grad).
-
-        Tuned for the reward-set evaluation that follows every AL step: a contiguous range of images
-        is sliced (no gather), the standardisation is folded into ``fc1``, activations are updated in
-        place, and the classifier writes class-major logits so the softmax runs over a leading axis.
-        """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    def _hidden(self, split: SegmentationSplit, idx: np.ndarray) -> torch.Tensor:
+        """Activations before the (MC-)dropout and the classifier, ``[B, cells, hidden]``."""
         feats = self.features(split)
         if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
             x = feats[int(idx[0]) : int(idx[0]) + idx.size]
@@ -491,11 +483,44 @@ class FastSegmenter(Segmenter):
         w, b = head.folded_input_layer()
         pos = torch.addmm(b, self._positions, head.pos.weight.T)  # [cells, hidden], shared by the batch
         h = torch.matmul(x, w.T).add_(pos).relu_()
-        h = torch.matmul(h, head.fc2.weight.T).add_(head.fc2.bias).relu_()
+        return torch.matmul(h, head.fc2.weight.T).add_(head.fc2.bias).relu_()
+
+    @torch.no_grad()
+    def cell_proba(
+        self, split: SegmentationSplit, indices: np.ndarray, dropout: bool = False
+    ) -> torch.Tensor:
+        """Softmax per cell, ``[B, C, cells]`` float32 on ``self.device`` (eval path, no grad).
+
+        Tuned for the reward-set evaluation that follows every AL step: a contiguous range of images
+        is sliced (no gather), the standardisation is folded into ``fc1``, activations are updated in
+        place, and the classifier writes class-major logits so the softmax runs over a leading axis.
+        """
+        h = self._hidden(split, np.asarray(indices, dtype=np.int64).reshape(-1))
+        head = self.head
         if dropout and self.dropout > 0:
             h.mul_(self._drop_mask(tuple(h.shape)))
         logits = torch.matmul(head.cls.weight, h.transpose(1, 2)).add_(head.cls.bias[:, None])
         return torch.softmax(logits, dim=1)
+
+    @torch.no_grad()
+    def native_proba(
+        self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray, passes: int | None = None
+    ) -> torch.Tensor:
+        """Per-cell softmax on the cell grid, ``[B, C, rows, cols]`` (``[T, B, C, rows, cols]`` with
+        ``passes``). The MC-dropout passes share the deterministic trunk: the hidden activations are
+        computed once and only the dropout mask and the classifier are repeated, with the masks drawn
+        in the same order as ``mc_dropout_proba`` (same numbers, ~T times cheaper)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if passes is None:
+            return self.cell_proba(split, idx).reshape(idx.size, -1, self.rows, self.cols)
+        h = self._hidden(split, idx)
+        head = self.head
+        out = []
+        for _ in range(passes):
+            hd = h * self._drop_mask(tuple(h.shape)) if self.dropout > 0 else h
+            logits = torch.matmul(head.cls.weight, hd.transpose(1, 2)).add_(head.cls.bias[:, None])
+            out.append(torch.softmax(logits, dim=1).reshape(idx.size, -1, self.rows, self.cols))
+        return torch.stack(out)
 
     def _upsample(self, cell_values: torch.Tensor) -> torch.Tensor:
         """``[B, K, cells]`` -> ``[B, K, H, W]`` by nearest-neighbour (every pixel copies its cell)."""
