@@ -56,7 +56,7 @@ def parse_args() -> Args:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    env_kwargs = {"mode": "test", "budget": args.budget, **(load_yaml(args.config) if args.config else {})}
+    env_kwargs = {"mode": "test", **(load_yaml(args.config) if args.config else {}), "budget": args.budget}
     if args.data_root:
         env_kwargs["data_root"] = args.data_root
     env = gym.make(args.env_id, **env_kwargs)

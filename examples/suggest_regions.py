@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from agents import RalisDQN
@@ -61,7 +62,12 @@ def main() -> None:
         seg, _ = pretrain_start_network(dataset, args.model, "source+dt")
     policy = RalisDQN.load(args.policy, device="cpu").policy
     unlabeled = folder_split(args.images, dataset.info)
-    queue = rank_regions(policy.q_net, seg, unlabeled, dataset.split("d_s"))
+    # The state branch was trained on a fixed state set: the first images of D_S, as many as it saw.
+    state_images = policy.observation_space["state"].shape[0] // seg.grid.per_image
+    d_s = dataset.split("d_s")
+    if state_images > len(d_s):
+        raise SystemExit(f"the policy expects a state set of {state_images} images; D_S has {len(d_s)}")
+    queue = rank_regions(policy.q_net, seg, unlabeled, d_s.subset(np.arange(state_images)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "queue.json").write_text(json.dumps(queue, indent=2))

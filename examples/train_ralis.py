@@ -37,6 +37,7 @@ class Args:
     lr_decay: float = 0.97
     buffer_size: int = 600
     checkpoint_every: int = 20  # environment steps
+    keep_checkpoints: int = 2  # newest checkpoints (policy + replay buffer, ~45 MB each) kept on disk
     threads: int = 1  # torch threads; 1 is fastest for these small networks on a busy CPU
 
 
@@ -70,9 +71,28 @@ class EpisodeLog(BaseCallback):
         return True
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    zips = sorted(folder.glob("ralis_*_steps.zip"), key=lambda p: int(re.findall(r"(\d+)_steps", p.name)[0]))
-    return zips[-1] if zips else None
+def checkpoints_by_step(folder: Path) -> list[Path]:
+    return sorted(folder.glob("ralis_*_steps.zip"), key=lambda p: int(re.findall(r"(\d+)_steps", p.name)[0]))
+
+
+def replay_buffer_of(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name.replace("ralis_", "ralis_replay_buffer_").replace(".zip", ".pkl"))
+
+
+class PruningCheckpoint(CheckpointCallback):
+    """SB3's CheckpointCallback that keeps only the newest ``keep`` checkpoints (and their buffers)."""
+
+    def __init__(self, keep: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.keep = max(1, keep)
+
+    def _on_step(self) -> bool:
+        result = super()._on_step()
+        if self.n_calls % self.save_freq == 0:
+            for old in checkpoints_by_step(Path(self.save_path))[: -self.keep]:
+                old.unlink(missing_ok=True)
+                replay_buffer_of(old).unlink(missing_ok=True)
+        return result
 
 
 def main() -> None:
@@ -86,19 +106,26 @@ def main() -> None:
     steps_per_episode = env.get_wrapper_attr("_max_episode_steps")
     total = args.episodes * steps_per_episode
 
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is not None:
+    found = checkpoints_by_step(out / "checkpoints")
+    if found:
+        ckpt = found[-1]
         model = RalisDQN.load(ckpt, env=env, tensorboard_log=str(out))
-        buffer = ckpt.with_name(ckpt.name.replace("ralis_", "ralis_replay_buffer_").replace(".zip", ".pkl"))
+        buffer = replay_buffer_of(ckpt)
         if buffer.exists():
             model.load_replay_buffer(buffer)
         print(f"resuming from {ckpt} at step {model.num_timesteps}/{total}")
+        log = out / "episodes.csv"
+        if log.exists():  # episodes finished after the checkpoint are trained again: drop their lines
+            lines = log.read_text().splitlines()
+            keep = [lines[0]] + [x for x in lines[1:] if int(x.split(",")[0]) <= model.num_timesteps]
+            log.write_text("\n".join(keep) + "\n")
     else:
         model = RalisDQN(
             "RalisPolicy", env, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
             buffer_size=args.buffer_size, seed=args.seed, tensorboard_log=str(out), verbose=0,
         )  # fmt: skip
-    checkpoints = CheckpointCallback(
+    checkpoints = PruningCheckpoint(
+        keep=args.keep_checkpoints,
         save_freq=args.checkpoint_every,
         save_path=str(out / "checkpoints"),
         name_prefix="ralis",
