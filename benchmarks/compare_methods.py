@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         names, pool_split = list(ds.info.class_names), ds.split("d_v")
     md = report(path, names, np.asarray(pool_split.class_pixel_counts(), dtype=float))
     print(md)
-    meta = {"command": " ".join(sys.argv), "machine": machine(), "args": vars(args)}
-    Path(f"{path.with_suffix('')}-last-run.json").write_text(json.dumps(meta, indent=2, default=str))
-    if env is not None:
+    if env is not None:  # what produced the newest cells (a report-only call computes nothing)
+        meta = {"command": " ".join(sys.argv), "machine": machine(), "args": vars(args)}
+        Path(f"{path.with_suffix('')}-last-run.json").write_text(json.dumps(meta, indent=2, default=str))
         env.close()
     return 0
 

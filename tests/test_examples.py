@@ -150,3 +150,21 @@ def test_compare_methods_quick_preset_resumes_and_reports(trained_policy, camvid
         assert (tmp_path / f"quick{suffix}").stat().st_size > 0
     report = (tmp_path / "quick-report.md").read_text()
     assert "| ralis |" in report and "Labeled-data saving" in report
+
+
+@pytest.mark.slow
+def test_compare_methods_quick_preset_as_documented(camvid_root, tmp_path):
+    """``--quick`` exactly as a user runs it: the real test protocol (pool D_V, K = 24, N = 10) from
+    the ``source+dt`` start network, pretrained here on first use (minutes; cached afterwards)."""
+    results = tmp_path / "quick.csv"
+    run_script(
+        "benchmarks/compare_methods.py", "--quick", "--methods", "random,entropy,bald", "--results", str(results),
+        root=camvid_root, cwd=tmp_path,
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(results)))
+    assert {(r["method"], int(r["seed"]), int(r["budget"])) for r in rows} == {
+        (m, 0, b) for m in ("random", "entropy", "bald") for b in (48, 96)
+    }
+    # From a start network at ~43% test mIoU, 96 more regions cannot make or break it.
+    assert all(0.38 < float(r["test_miou"]) < 0.48 for r in rows)
+    assert (tmp_path / "quick-miou-vs-budget.png").stat().st_size > 0
