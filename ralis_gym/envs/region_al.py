@@ -456,9 +456,9 @@ class RegionALEnv(gym.Env):
         seg, rows, cols = self.segmenter, self.grid.rows, self.grid.cols
         # Region means are taken on the model's native output grid, a chunk of images at a time:
         # T x B x C x H x W MC-dropout tensors of a whole pool would not fit in memory.
-        per_image = []
-        for start in range(0, images.size, max(1, seg.default_batch_size())):
-            chunk = images[start : start + max(1, seg.default_batch_size())]
+        per_image, step = [], max(1, seg.default_batch_size())
+        for start in range(0, images.size, step):
+            chunk = images[start : start + step]
             if heuristic == "bald":
                 maps = pixel_bald(seg.native_proba(self.pool_split, chunk, passes=mc_passes))
             else:

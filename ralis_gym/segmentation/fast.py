@@ -496,10 +496,13 @@ class FastSegmenter(Segmenter):
         place, and the classifier writes class-major logits so the softmax runs over a leading axis.
         """
         h = self._hidden(split, np.asarray(indices, dtype=np.int64).reshape(-1))
-        head = self.head
         if dropout and self.dropout > 0:
             h.mul_(self._drop_mask(tuple(h.shape)))
-        logits = torch.matmul(head.cls.weight, h.transpose(1, 2)).add_(head.cls.bias[:, None])
+        return self._classify(h)
+
+    def _classify(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, cells, hidden]`` -> softmax ``[B, C, cells]`` (class-major logits)."""
+        logits = torch.matmul(self.head.cls.weight, h.transpose(1, 2)).add_(self.head.cls.bias[:, None])
         return torch.softmax(logits, dim=1)
 
     @torch.no_grad()
@@ -514,12 +517,10 @@ class FastSegmenter(Segmenter):
         if passes is None:
             return self.cell_proba(split, idx).reshape(idx.size, -1, self.rows, self.cols)
         h = self._hidden(split, idx)
-        head = self.head
         out = []
         for _ in range(passes):
             hd = h * self._drop_mask(tuple(h.shape)) if self.dropout > 0 else h
-            logits = torch.matmul(head.cls.weight, hd.transpose(1, 2)).add_(head.cls.bias[:, None])
-            out.append(torch.softmax(logits, dim=1).reshape(idx.size, -1, self.rows, self.cols))
+            out.append(self._classify(hd).reshape(idx.size, -1, self.rows, self.cols))
         return torch.stack(out)
 
     def _upsample(self, cell_values: torch.Tensor) -> torch.Tensor:
