@@ -57,7 +57,7 @@ class Args:
     methods: str = "random,entropy,bald,ralis,margin,class_balance"
     seeds: str = "0,1,2,3,4"
     budgets: str = PAPER_BUDGETS
-    policy: str = "runs/ralis_camvid_fast/ralis_final.zip"  # RalisDQN .zip for the "ralis" method
+    policy: str = "runs/ralis_camvid_fast/ralis_final.zip"  # RalisDQN .zip for "ralis" (or "ralis-<tag>")
     model: str = "fast"  # "fast" (CPU) or "paper" (FPN-ResNet-50, for a GPU)
     device: str = "auto"
     data_root: str | None = None
@@ -138,9 +138,14 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch thread(s), {gpu}"
 
 
+def is_policy(method: str) -> bool:
+    """``ralis`` or ``ralis-<tag>``: a trained RalisDQN (``--policy``); the tag keeps variants apart."""
+    return method == "ralis" or method.startswith("ralis-")
+
+
 # --- one (method, seed) pass -------------------------------------------------------------------
 def make_agent(method: str, env: gym.Env, seed: int, args: Args):
-    if method == "ralis":
+    if is_policy(method):
         if not Path(args.policy).is_file():
             raise SystemExit(
                 f"method 'ralis' needs a trained policy: {args.policy} does not exist "
@@ -148,7 +153,9 @@ def make_agent(method: str, env: gym.Env, seed: int, args: Args):
             )
         return RalisDQN.load(args.policy, device="cpu")
     if method not in HEURISTIC_AGENTS:
-        raise SystemExit(f"unknown method {method!r}; choose ralis or one of {sorted(HEURISTIC_AGENTS)}")
+        raise SystemExit(
+            f"unknown method {method!r}; choose ralis, ralis-<tag> or one of {sorted(HEURISTIC_AGENTS)}"
+        )
     return make_heuristic_agent(
         method, env, seed=seed, **({"mc_passes": args.mc_passes} if method == "bald" else {})
     )
@@ -187,7 +194,7 @@ def run_method_seed(
                 **{f"iou_{c}": ("" if np.isnan(v) else f"{v:.6f}") for c, v in zip(names, final["per_class_iou"])},
                 **{f"pixels_{c}": int(v) for c, v in zip(names, pixels[:-1])}, "pixels_void": int(pixels[-1]),
                 "seconds_acquisition": f"{seconds_acq:.1f}", "seconds_final": f"{time.perf_counter() - t0:.1f}",
-                "model": args.model, "policy": args.policy if method == "ralis" else "", "machine": machine(),
+                "model": args.model, "policy": args.policy if is_policy(method) else "", "machine": machine(),
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
             }  # fmt: skip
             append_row(path, header, row)
@@ -231,18 +238,19 @@ def report(path: Path, class_names: list[str], pool_pixels: np.ndarray | None) -
         writer.writeheader()
         writer.writerows(table)
 
-    # Labeled-data saving: budget at which RALIS's mean curve reaches the best baseline's final mIoU.
+    # Labeled-data saving: budget at which a RALIS policy's mean curve reaches the best baseline's
+    # final mIoU (every method named ralis* is a policy, e.g. ralis-nodecay).
     top = budgets[-1]
-    baselines = [m for m in methods if m != "ralis" and cells(m, top).size]
-    if "ralis" in methods and baselines:
+    baselines = [m for m in methods if not is_policy(m) and cells(m, top).size]
+    for policy in [m for m in methods if is_policy(m)] if baselines else []:
         best = max(baselines, key=lambda m: cells(m, top).mean())
         target = cells(best, top).mean()
-        curve = np.array([cells("ralis", b).mean() if cells("ralis", b).size else np.nan for b in budgets])
+        curve = np.array([cells(policy, b).mean() if cells(policy, b).size else np.nan for b in budgets])
         reach = next((i for i, v in enumerate(curve) if v >= target), None)
         lines += [""]
         if reach is None:
             lines.append(
-                f"Labeled-data saving: RALIS does not reach the best baseline's mIoU at {top} regions "
+                f"Labeled-data saving: {policy} does not reach the best baseline's mIoU at {top} regions "
                 f"({best}, {100 * target:.2f}%) within the budgets (its best: {100 * np.nanmax(curve):.2f}%)."
             )
         else:
@@ -252,7 +260,7 @@ def report(path: Path, class_names: list[str], pool_pixels: np.ndarray | None) -
                 b0, b1, v0, v1 = budgets[reach - 1], budgets[reach], curve[reach - 1], curve[reach]
                 needed = b0 + (target - v0) / (v1 - v0) * (b1 - b0)
             lines.append(
-                f"Labeled-data saving: RALIS reaches {best}'s {top}-region mIoU ({100 * target:.2f}%) at "
+                f"Labeled-data saving: {policy} reaches {best}'s {top}-region mIoU ({100 * target:.2f}%) at "
                 f"{needed:.0f} regions (linear interpolation), i.e. {100 * (1 - needed / top):.1f}% fewer regions."
             )
 
@@ -303,7 +311,7 @@ def plot(stem: Path, methods, budgets, cells, class_names, acquired, pool_pixels
         bs = [b for b in budgets if cells(m, b).size]
         mean = np.array([100 * cells(m, b).mean() for b in bs])
         std = np.array([100 * cells(m, b).std() for b in bs])
-        (line,) = ax.plot(bs, mean, marker="o", lw=2.5 if m == "ralis" else 1.5, label=m)
+        (line,) = ax.plot(bs, mean, marker="o", lw=2.5 if is_policy(m) else 1.5, label=m)
         ax.fill_between(bs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("labeled regions (budget)")
     ax.set_ylabel("test mIoU (%)")
