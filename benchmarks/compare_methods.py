@@ -315,7 +315,7 @@ def plot(stem: Path, methods, budgets, cells, class_names, acquired, pool_pixels
         ax.fill_between(bs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("labeled regions (budget)")
     ax.set_ylabel("test mIoU (%)")
-    ax.set_title(f"CamVid test mIoU vs budget ({stem.name}, mean ± std over seeds)")
+    ax.set_title(f"CamVid test mIoU vs budget\n{stem.name}: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
