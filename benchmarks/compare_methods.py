@@ -25,14 +25,13 @@ written next to the CSV from whatever cells exist.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
 from agents.heuristics import HEURISTIC_AGENTS, make_heuristic_agent
-from ralis_gym.config import load_yaml
+from ralis_gym.config import load_yaml, parse_dataclass_args
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("random", "entropy", "bald", "margin", "class_balance")
@@ -72,18 +71,7 @@ class Args:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in fields(Args):
-        flag = f"--{f.name.replace('_', '-')}"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(
-                flag, type=type(f.default) if f.default is not None else str, default=f.default
-            )
-    args = Args(**vars(parser.parse_args(argv)))
+    args = parse_dataclass_args(Args, __doc__, argv)
     if args.quick:  # preset values, unless given explicitly
         preset = {
             "seeds": "0",

@@ -9,10 +9,9 @@ after every step. `--policy` is a RalisDQN .zip or one of: random, entropy, marg
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
 from agents.heuristics import HEURISTIC_AGENTS, make_heuristic_agent
-from ralis_gym.config import load_yaml
+from ralis_gym.config import load_yaml, parse_dataclass_args
 
 
 @dataclass
@@ -41,16 +40,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in fields(Args):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(f.default) if f.default is not None else str,
-            default=f.default,
-        )
-    return Args(**vars(parser.parse_args()))
+    return parse_dataclass_args(Args, __doc__)
 
 
 def main() -> None:

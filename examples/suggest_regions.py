@@ -11,9 +11,8 @@ and OUT/<image>_queue.png with the top regions outlined and numbered.
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from agents import RalisDQN
 from agents.suggest import draw_queue, folder_split, rank_regions
+from ralis_gym.config import parse_dataclass_args
 from ralis_gym.data import load_dataset
 from ralis_gym.segmentation import build_segmenter
 from ralis_gym.segmentation.pretrain import pretrain_start_network
@@ -39,16 +39,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in fields(Args):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(f.default) if f.default is not None else str,
-            default=f.default,
-        )
-    return Args(**vars(parser.parse_args()))
+    return parse_dataclass_args(Args, __doc__)
 
 
 def main() -> None:

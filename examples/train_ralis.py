@@ -10,10 +10,9 @@ run started again with the same OUT resumes from the newest one. TensorBoard: `t
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -22,7 +21,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 
 import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
-from ralis_gym.config import load_yaml
+from ralis_gym.config import load_yaml, parse_dataclass_args
 
 
 @dataclass
@@ -42,16 +41,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in fields(Args):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(f.default) if f.default is not None else str,
-            default=f.default,
-        )
-    return Args(**vars(parser.parse_args()))
+    return parse_dataclass_args(Args, __doc__)
 
 
 class EpisodeLog(BaseCallback):

@@ -10,8 +10,7 @@ structure the RALIS Q-head exploits; it is a baseline for RL researchers. Maskab
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -19,7 +18,7 @@ import torch
 from stable_baselines3 import A2C, PPO
 
 import ralis_gym  # noqa: F401  (registers the environments)
-from ralis_gym.config import load_yaml
+from ralis_gym.config import load_yaml, parse_dataclass_args
 
 
 @dataclass
@@ -36,16 +35,7 @@ class Args:
 
 
 def parse_args() -> Args:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for f in fields(Args):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(f.default) if f.default is not None else str,
-            default=f.default,
-        )
-    return Args(**vars(parser.parse_args()))
+    return parse_dataclass_args(Args, __doc__)
 
 
 def make_algo(name: str, env: gym.Env, n_steps: int, seed: int, log: str):

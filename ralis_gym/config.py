@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from ralis_gym.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -50,3 +54,22 @@ def merge_config(
             else:
                 out[key] = copy.deepcopy(value)
     return out
+
+
+def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:
+    """Command-line flags from a dataclass of defaults (the typed args block of the example scripts).
+
+    ``field_name`` becomes ``--field-name`` with the default's type (``str`` when the default is
+    ``None``); a ``bool`` field is a switch that sets it to True.
+    """
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in dataclasses.fields(cls):
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=f"(default: {f.default})")
+        else:
+            kind = type(f.default) if f.default is not None else str
+            parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+    return cls(**vars(parser.parse_args(argv)))

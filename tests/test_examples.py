@@ -168,3 +168,22 @@ def test_compare_methods_quick_preset_as_documented(camvid_root, tmp_path):
     # From a start network at ~43% test mIoU, 96 more regions cannot make or break it.
     assert all(0.38 < float(r["test_miou"]) < 0.48 for r in rows)
     assert (tmp_path / "quick-miou-vs-budget.png").stat().st_size > 0
+
+
+def test_parse_dataclass_args_types_switches_and_defaults():
+    from dataclasses import dataclass
+
+    from ralis_gym.config import parse_dataclass_args
+
+    @dataclass
+    class Demo:
+        episodes: int = 100
+        lr: float = 1e-3
+        policy: str | None = None
+        quick: bool = False
+
+    assert parse_dataclass_args(Demo, argv=[]) == Demo()
+    got = parse_dataclass_args(Demo, argv=["--episodes", "3", "--lr", "0.5", "--policy", "p.zip", "--quick"])
+    assert got == Demo(episodes=3, lr=0.5, policy="p.zip", quick=True)
+    with pytest.raises(SystemExit):
+        parse_dataclass_args(Demo, argv=["--episodes", "three"])
