@@ -13,7 +13,8 @@ the best D_R weights, evaluate on the test split) and then goes on from the unch
 Deviation, on purpose: the final training stops after 5 epochs without a D_R improvement (at most
 60 epochs) instead of the paper's 150 (at most 1000). Measured with the fast model on this CPU
 (random, seed 0): with patience 30 the best D_R epoch was 0 at 480 regions and the final trainings
-took 15 s (480 regions) to 60 s (960), ~5 min per (method, seed) run and 2.5 h for the 30 runs; the
+took 15 s (480 regions), 30 s (720) and 60 s (960), growing with the budget: an estimated ~5 min per
+(method, seed) run and ~2.5 h for the 30 runs; the
 fast model's small head converges in a few epochs. Pass ``--final-patience 150 --final-max-epochs
 1000`` for the paper's numbers.
 
@@ -136,7 +137,7 @@ def make_agent(method: str, env: gym.Env, seed: int, args: Args):
     if is_policy(method):
         if not Path(args.policy).is_file():
             raise SystemExit(
-                f"method 'ralis' needs a trained policy: {args.policy} does not exist "
+                f"method {method!r} needs a trained policy: {args.policy} does not exist "
                 "(train one with examples/train_ralis.py, pass it with --policy)"
             )
         return RalisDQN.load(args.policy, device="cpu")

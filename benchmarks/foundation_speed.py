@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from feature_speed import timed  # sibling script: benchmarks/ is on sys.path when run as a script
 
 
 @dataclass
@@ -37,16 +37,6 @@ def parse() -> Args:
     p.add_argument("--device", default=Args.device)
     a = p.parse_args()
     return Args(a.data_root, tuple(a.models), a.repeats, a.device)
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls (seconds)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -18,4 +18,4 @@ def camvid_root() -> Path:
             f"real CamVid not found: {default_data_root() / 'camvid'} lacks train/val/test(+annot) folders; "
             "set RALIS_GYM_DATA to the folder holding camvid/"
         )
-    return root
+    return root.resolve()  # absolute: tests also run scripts from other working directories

@@ -279,6 +279,10 @@ def test_fit_images_one_crop_per_image_and_snapshot_restore(tiny_split: Segmenta
     assert torch.equal(seg.model.classifier.weight, snap["model"]["classifier.weight"])
     with pytest.raises(ValueError, match="labeled mask"):
         seg.fit_regions(tiny_split, np.array([0]), np.ones((3, 4, 6), dtype=bool))
+    n_regions = len(tiny_split) * seg.grid.per_image
+    full = np.ones((len(tiny_split), seg.grid.rows, seg.grid.cols), dtype=bool)
+    with pytest.raises(ValueError, match=rf"anchor region ids must lie in 0\.\.{n_regions - 1}"):
+        seg.fit_regions(tiny_split, np.array([n_regions]), full)
 
 
 # --- inference and MC dropout ------------------------------------------------------------------

@@ -76,6 +76,23 @@ class Segmenter(ABC):
         ``labeled`` (bool ``[images, rows, cols]``) says which pixels carry ground truth.
         """
 
+    def _check_fit_args(
+        self, split: SegmentationSplit, anchors: np.ndarray, labeled: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``fit_regions`` inputs as flat int64 anchor ids and a bool ``[images, rows, cols]`` mask,
+        with a clear error when the mask does not match ``split`` or an anchor id is out of range."""
+        anchors = np.asarray(anchors, dtype=np.int64).reshape(-1)
+        labeled = np.asarray(labeled, dtype=bool)
+        expected = (len(split), self.grid.rows, self.grid.cols)
+        if labeled.shape != expected:
+            raise ValueError(
+                f"labeled mask has shape {labeled.shape}; expected {expected} for split {split.name!r}"
+            )
+        n_regions = len(split) * self.grid.per_image
+        if anchors.size and (anchors.min() < 0 or anchors.max() >= n_regions):
+            raise ValueError(f"anchor region ids must lie in 0..{n_regions - 1}")
+        return anchors, labeled
+
     @abstractmethod
     def model_state(self) -> dict[str, Any]:
         """Network weights only (what a start network checkpoint holds)."""

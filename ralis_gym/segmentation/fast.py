@@ -604,16 +604,7 @@ class FastSegmenter(Segmenter):
         """
         from tqdm.auto import tqdm
 
-        anchors = np.asarray(anchors, dtype=np.int64).reshape(-1)
-        labeled = np.asarray(labeled, dtype=bool)
-        expected = (len(split), self.grid.rows, self.grid.cols)
-        if labeled.shape != expected:
-            raise ValueError(
-                f"labeled has shape {labeled.shape}, expected {expected} for split {split.name!r}"
-            )
-        n_regions = len(split) * self.grid.per_image
-        if anchors.size and (anchors.min() < 0 or anchors.max() >= n_regions):
-            raise ValueError(f"anchor region ids must lie in 0..{n_regions - 1}")
+        anchors, labeled = self._check_fit_args(split, anchors, labeled)
         if anchors.size == 0 or epochs <= 0:
             return 0.0
         if not self.is_initialised:

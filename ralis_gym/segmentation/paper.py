@@ -290,13 +290,7 @@ class PaperSegmenter(Segmenter):
         epochs: int = 1,
         progress: bool = False,
     ) -> float:
-        anchors = np.asarray(anchors, dtype=np.int64).reshape(-1)
-        labeled = np.asarray(labeled, dtype=bool)
-        expected = (len(split), self.grid.rows, self.grid.cols)
-        if labeled.shape != expected:
-            raise ValueError(
-                f"labeled mask has shape {labeled.shape}; expected {expected} for split {split.name!r}"
-            )
+        anchors, labeled = self._check_fit_args(split, anchors, labeled)
 
         def batches() -> Iterator[CropBatch]:
             for _ in range(epochs):
