@@ -80,14 +80,27 @@ class ClassBalanceAgent(HeuristicAgent):
     heuristic = "class_balance"
 
 
+class OracleAgent(HeuristicAgent):
+    """Ground-truth upper reference, not a heuristic: picks the candidate on which the network's
+    current class-weighted loss against the true labels is largest (``RegionALEnv._loss_maps``).
+    It reads labels no real annotation team has, so it bounds what any policy can gain."""
+
+    heuristic = "oracle"
+
+
 HEURISTIC_AGENTS: dict[str, type[HeuristicAgent]] = {
     cls.heuristic: cls for cls in (RandomAgent, EntropyAgent, MarginAgent, BALDAgent, ClassBalanceAgent)
 }
+#: every baseline agent by method name: the heuristics and the ground-truth oracle
+BASELINE_AGENTS: dict[str, type[HeuristicAgent]] = {**HEURISTIC_AGENTS, OracleAgent.heuristic: OracleAgent}
 
 
 def make_heuristic_agent(
     name: str, env: gym.Env | None = None, seed: int | None = None, **kwargs: Any
 ) -> HeuristicAgent:
-    if name not in HEURISTIC_AGENTS:
-        raise ValueError(f"unknown heuristic {name!r}; choose one of {sorted(HEURISTIC_AGENTS)}")
-    return HEURISTIC_AGENTS[name](env, seed=seed, **kwargs)
+    """A baseline agent by method name (one of ``BASELINE_AGENTS``: the heuristics and ``oracle``)."""
+    if name not in BASELINE_AGENTS:
+        from ralis_gym.errors import ConfigError
+
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(BASELINE_AGENTS)}")
+    return BASELINE_AGENTS[name](env, seed=seed, **kwargs)

@@ -5,18 +5,16 @@
     python benchmarks/compare_methods.py --report-only                # tables + plots from the CSV
     python benchmarks/compare_methods.py --model paper --device cuda  # the paper's FPN, on a GPU
 
-Protocol: pool D_V, K = 24 pools of N = 10 candidates per step, start network ``source+dt``, budgets
-480 ... 1920 regions, 5 seeds. One run per (method, seed) walks through all budgets; at each budget it
+Protocol: pool D_V, K = 24 pools of N = 10 candidates per step, start network ``source`` (the env's
+test-mode default; see ``ralis_gym.envs.region_al.MODE_START`` for why it is not the reference's
+``source+dt``), budgets 480 ... 1920 regions, 5 seeds. One run per (method, seed) walks through all budgets; at each budget it
 branches the final training (train on every acquired region until D_R mIoU stops improving, keep
 the best D_R weights, evaluate on the test split) and then goes on from the unchanged run.
 
-Deviation, on purpose: the final training stops after 5 epochs without a D_R improvement (at most
-60 epochs) instead of the paper's 150 (at most 1000). Measured with the fast model on this CPU
-(random, seed 0): with patience 30 the best D_R epoch was 0 at 480 regions and the final trainings
-took 15 s (480 regions), 30 s (720) and 60 s (960), growing with the budget: an estimated ~5 min per
-(method, seed) run and ~2.5 h for the 30 runs; the
-fast model's small head converges in a few epochs. Pass ``--final-patience 150 --final-max-epochs
-1000`` for the paper's numbers.
+The final training is the environment's (``RegionALEnv.evaluate``: the acquired regions plus the
+start network's labeled images D_S, early stopping on D_R with the model's
+``FINAL_TRAINING_DEFAULTS``); ``--final-patience`` / ``--final-max-epochs`` override it (0 = the
+default). ``oracle`` (ground-truth loss, an upper reference) runs like a heuristic.
 
 Every finished (method, seed, budget) cell is appended at once to the results CSV; a killed run
 started again skips the finished cells (it replays the acquisition, which is deterministic for a
@@ -43,7 +41,7 @@ from tqdm.auto import tqdm
 
 import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
-from agents.heuristics import HEURISTIC_AGENTS, make_heuristic_agent
+from agents.heuristics import BASELINE_AGENTS, make_heuristic_agent
 from ralis_gym.config import load_yaml, parse_dataclass_args
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +52,7 @@ PAPER_BUDGETS = "480,720,960,1200,1440,1920"
 
 @dataclass
 class Args:
-    methods: str = "random,entropy,bald,ralis,margin,class_balance"
+    methods: str = "random,entropy,bald,margin,class_balance,oracle,ralis"
     seeds: str = "0,1,2,3,4"
     budgets: str = PAPER_BUDGETS
     policy: str = "runs/ralis_camvid_fast/ralis_final.zip"  # RalisDQN .zip for "ralis" (or "ralis-<tag>")
@@ -63,8 +61,8 @@ class Args:
     data_root: str | None = None
     config: str | None = None  # YAML of env keyword arguments over the protocol (e.g. a tiny test config)
     results: str | None = None  # default benchmarks/results/camvid-<model>.csv
-    final_max_epochs: int = 60  # the paper: 1000 (see the module docstring)
-    final_patience: int = 5  # the paper: 150 on CamVid
+    final_max_epochs: int = 0  # 0: the model's FINAL_TRAINING_DEFAULTS (the paper: 1000)
+    final_patience: int = 0  # 0: the model's FINAL_TRAINING_DEFAULTS (the paper: 150 on CamVid)
     mc_passes: int = 20  # BALD
     threads: int = 1
     quick: bool = False  # 1 seed, budgets 48 and 96, tiny final training: a smoke test
@@ -141,9 +139,9 @@ def make_agent(method: str, env: gym.Env, seed: int, args: Args):
                 "(train one with examples/train_ralis.py, pass it with --policy)"
             )
         return RalisDQN.load(args.policy, device="cpu")
-    if method not in HEURISTIC_AGENTS:
+    if method not in BASELINE_AGENTS:
         raise SystemExit(
-            f"unknown method {method!r}; choose ralis, ralis-<tag> or one of {sorted(HEURISTIC_AGENTS)}"
+            f"unknown method {method!r}; choose ralis, ralis-<tag> or one of {sorted(BASELINE_AGENTS)}"
         )
     return make_heuristic_agent(
         method, env, seed=seed, **({"mc_passes": args.mc_passes} if method == "bald" else {})
@@ -173,7 +171,10 @@ def run_method_seed(
             seconds_acq = time.perf_counter() - t_acq
             t0 = time.perf_counter()
             final = base.evaluate(
-                max_epochs=args.final_max_epochs, patience=args.final_patience, restore=True, progress=False
+                max_epochs=args.final_max_epochs or None,
+                patience=args.final_patience or None,
+                restore=True,
+                progress=False,
             )
             pixels = info["labeled_class_pixels"]
             row = {

@@ -2,12 +2,12 @@
 
 Prints: encoder time for all 701 images (cold, then cached), the time of one AL-step-sized
 ``fit_regions`` (24 anchors) + a full ``evaluate`` of D_R, and test mIoU of heads pretrained with
-``fit_with_early_stopping`` (model selection on D_R = val) on D_S (10 images), D_S then D_T (the
+``train_until_plateau`` with the pretraining recipe of ``ralis-gym pretrain`` (model selection on D_R = val) on D_S (10 images), D_S then D_T (the
 ``source+dt`` start network), D_T (100) and all 367 train images, with the pretraining time of each.
 ``--al-sim 1e-4,3e-4,1e-3`` adds 20 random-acquisition AL steps on D_T from the D_S head per lr.
 
     RALIS_GYM_CACHE=/tmp/ralis-cache python benchmarks/fast_model_accuracy.py [--data-root DIR]
-        [--stride 10] [--hidden 96] [--lr 3e-4] [--pretrain-lr 1e-2] [--class-weighting sqrt_median]
+        [--stride 10] [--head conv|mlp] [--width 64] [--dilations 1,2,4] [--lr 3e-4] [--pretrain-lr 1e-2] [--class-weighting sqrt_median]
         [--hflip] [--offset-context 3] [--sets d_s,source+dt,d_t,train] [--max-epochs 300]
         [--patience 30] [--al-sim 3e-4,1e-3] [--threads 2] [--skip-cold]
 """
@@ -24,12 +24,8 @@ import torch
 from ralis_gym.data import load_dataset
 from ralis_gym.segmentation import encoder as encoder_module
 from ralis_gym.segmentation.encoder import EncoderConfig
-from ralis_gym.segmentation.fast import (
-    FastSegmenter,
-    default_stride,
-    fit_with_early_stopping,
-    pretrain_schedule,
-)
+from ralis_gym.segmentation.fast import MLP_HEAD, FastSegmenter, default_stride
+from ralis_gym.segmentation.pretrain import PRETRAIN_DEFAULTS, train_until_plateau
 
 
 def main() -> None:
@@ -38,7 +34,11 @@ def main() -> None:
     )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--stride", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument(
+        "--head", default="conv", choices=["conv", "mlp"], help="conv: the default head; mlp: pre-v2"
+    )
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--dilations", default=None, help="context blocks, e.g. 1,2,4 (0 = a 1x1 block)")
     parser.add_argument("--lr", type=float, default=None, help="AL-step learning rate (fit_regions)")
     parser.add_argument("--pretrain-lr", type=float, default=None, help="fit_images learning rate")
     parser.add_argument(
@@ -50,8 +50,8 @@ def main() -> None:
     parser.add_argument("--context-sizes", default=None, help="encoder box context sizes, e.g. 3,7,15")
     parser.add_argument("--train-dropout", action="store_true")
     parser.add_argument("--sets", default="d_s,source+dt,d_t,train")
-    parser.add_argument("--max-epochs", type=int, default=pretrain_schedule()["max_epochs"])
-    parser.add_argument("--patience", type=int, default=pretrain_schedule()["patience"])
+    parser.add_argument("--max-epochs", type=int, default=PRETRAIN_DEFAULTS["fast"]["max_epochs"])
+    parser.add_argument("--patience", type=int, default=PRETRAIN_DEFAULTS["fast"]["patience"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-cold", action="store_true", help="do not time a cold encoding of all splits")
@@ -69,7 +69,9 @@ def main() -> None:
         )
     kw = dict(
         encoder=enc,
-        **({} if args.hidden is None else {"hidden": args.hidden}),
+        **(MLP_HEAD if args.head == "mlp" else {}),
+        **({} if args.width is None else {"width": args.width}),
+        **({} if args.dilations is None else {"dilations": tuple(int(d) for d in args.dilations.split(","))}),
         **({} if args.lr is None else {"lr": args.lr}),
         **({} if args.pretrain_lr is None else {"pretrain_lr": args.pretrain_lr}),
         class_weighting=args.class_weighting,
@@ -82,7 +84,7 @@ def main() -> None:
 
     probe = make()
     print(
-        f"stride {probe.stride}, grid {probe.rows}x{probe.cols}, feature dim {probe.encoder.dim}, hidden {probe.hidden}"
+        f"stride {probe.stride}, grid {probe.rows}x{probe.cols}, feature dim {probe.encoder.dim}, head {probe._architecture()}"
     )
 
     if not args.skip_cold:
@@ -126,7 +128,9 @@ def main() -> None:
             seg.load_model_state(parent)
         train = splits["d_t" if name == "source+dt" else name]
         t0 = time.perf_counter()
-        out = fit_with_early_stopping(seg, train, d_r, max_epochs=args.max_epochs, patience=args.patience)
+        out = train_until_plateau(
+            seg, lambda s=seg, t=train: s.fit_images(t), d_r, args.max_epochs, args.patience, progress=False
+        )
         elapsed = time.perf_counter() - t0
         heads[name] = seg.model_state()
         test = seg.evaluate(splits["test"])

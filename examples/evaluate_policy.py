@@ -17,12 +17,12 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
-from agents.heuristics import HEURISTIC_AGENTS, make_heuristic_agent
+from agents.heuristics import BASELINE_AGENTS, make_heuristic_agent
 from ralis_gym.config import load_yaml, parse_dataclass_args
+from ralis_gym.envs.region_al import run_agent
 
 
 @dataclass
@@ -33,8 +33,8 @@ class Args:
     data_root: str | None = None
     budget: int = 480
     seed: int = 20
-    final_max_epochs: int = 1000
-    final_patience: int = 150
+    final_max_epochs: int = 0  # 0: the model's FINAL_TRAINING_DEFAULTS (the paper: 1000)
+    final_patience: int = 0  # 0: the model's FINAL_TRAINING_DEFAULTS (the paper: 150)
     out: str = "outputs/evaluate"
     threads: int = 1
 
@@ -50,26 +50,16 @@ def main() -> None:
     if args.data_root:
         env_kwargs["data_root"] = args.data_root
     env = gym.make(args.env_id, **env_kwargs)
-    if args.policy in HEURISTIC_AGENTS:
+    if args.policy in BASELINE_AGENTS:
         agent, name = make_heuristic_agent(args.policy, env, seed=args.seed), args.policy
     else:
         # The policy scores any number of candidates, so a net trained with N = 20 acts on N = 10.
         agent, name = RalisDQN.load(args.policy, device="cpu"), "ralis"
 
     t0 = time.perf_counter()
-    obs, info = env.reset(seed=args.seed)
-    curve = [{"labeled": info["labeled_regions"], "miou": info["miou"]}]
-    done = False
-    with tqdm(total=args.budget, desc=f"{name} acquisition", unit="region") as bar:
-        while not done:
-            action, _ = agent.predict(obs, deterministic=True)
-            obs, _, term, trunc, info = env.step(np.asarray(action).reshape(-1))
-            done = term or trunc
-            bar.update(info["labeled_regions"] - bar.n)
-            bar.set_postfix(miou=f"{info['miou']:.3f}")
-            curve.append({"labeled": info["labeled_regions"], "miou": info["miou"]})
+    curve, info = run_agent(env, agent, seed=args.seed, desc=f"{name} acquisition")
     final = env.unwrapped.evaluate(
-        max_epochs=args.final_max_epochs, patience=args.final_patience, progress=True
+        max_epochs=args.final_max_epochs or None, patience=args.final_patience or None, progress=True
     )
     class_names = env.unwrapped.info_.class_names
     result = {

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ralis_gym.errors import RalisGymError
+from ralis_gym.envs.region_al import METHODS, run_agent
+from ralis_gym.errors import ConfigError, RalisGymError
 
 MAIN_JOB_HELP = """\
 The main job, end to end on CamVid: find the data (download it if absent), pretrain the start
@@ -91,38 +92,62 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ralis_gym.active_learning import run_active_learning
-    from ralis_gym.segmentation.pretrain import pretrain_start_network
+    """The main job: the registered environment in test mode, driven by each baseline agent."""
+    import gymnasium as gym
+    import numpy as np
 
+    import ralis_gym  # noqa: F401  (registers the environments)
+    from agents.heuristics import make_heuristic_agent
+
+    if args.budget <= 0 or args.num_pools <= 0 or args.pool_size <= 0:
+        raise ConfigError("--budget, --num-pools and --pool-size must be positive")
     ds = _open_dataset(args, download=not args.no_download)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seg, meta = pretrain_start_network(ds, args.model, "source+dt", device=args.device, seed=args.seed)
-    start = seg.snapshot()
+    env_id = "RegionAL-CamVid-Fast-v0" if args.model == "fast" else "RegionAL-CamVid-v0"
+    kwargs = {
+        "mode": "test", "dataset": args.dataset, "data_root": str(ds.root.parent), "device": args.device,
+        "budget": args.budget, "num_pools": args.num_pools, "regions_per_pool": args.pool_size,
+        "progress": True, "pretrain": {"max_epochs": None, "patience": None, "seed": args.seed},
+    }  # fmt: skip
+    if args.config:
+        from ralis_gym.config import load_yaml
+
+        kwargs.update(load_yaml(args.config))
+    env = gym.make(env_id, **kwargs)
+    base = env.unwrapped
+    meta = base.start_meta
     print(
-        f"start network source+dt: D_R mIoU {100 * meta['d_r_miou']:.2f}%, test mIoU {100 * meta.get('test_miou', float('nan')):.2f}%"
+        f"start network {meta.get('name')}: D_R mIoU {100 * meta.get('d_r_miou', float('nan')):.2f}%, "
+        f"test mIoU {100 * meta.get('test_miou', float('nan')):.2f}%"
     )
     results = {}
     for strategy in args.strategies:
-        seg.restore(start)
-        res = run_active_learning(
-            seg, ds.split("d_v"), ds.split("d_r"), ds.split("test"), strategy=strategy, budget=args.budget,
-            num_pools=args.num_pools, pool_size=args.pool_size, seed=args.seed,
-        )  # fmt: skip
-        results[strategy] = {"steps": res.steps, "final": res.final}
-    (out / "results.json").write_text(json.dumps({"start": {k: v for k, v in meta.items() if k != "history"},
-                                                  "results": results}, indent=2))  # fmt: skip
-    _plot_run(results, out / "miou_vs_budget.png", ds.info.name)
-    print(f"\n{'strategy':10s} {'regions':>7s} {'D_R mIoU (AL)':>13s} {'test mIoU (final)':>17s}")
+        agent = make_heuristic_agent(strategy, env, seed=args.seed)
+        steps, info = run_agent(env, agent, seed=args.seed, desc=f"active learning ({strategy})")
+        final = base.evaluate()
+        results[strategy] = {
+            "steps": steps,
+            "final": {
+                "labeled": final["labeled_regions"], "d_r_miou": final["d_r_miou"], "test_miou": final["test_miou"],
+                "epochs": final["epochs"], "class_pixels": info["labeled_class_pixels"].tolist(),
+                "per_class_iou": dict(zip(base.info_.class_names, np.nan_to_num(final["per_class_iou"]).tolist())),
+            },
+        }  # fmt: skip
+    env.close()
+    start = {k: v for k, v in meta.items() if k not in ("history", "test_per_class_iou")}
+    (out / "results.json").write_text(json.dumps({"start": start, "results": results}, indent=2, default=str))
+    _plot_run(results, out / "miou_vs_budget.png", base.info_.name, meta)
+    print(f"\n{'strategy':13s} {'regions':>7s} {'D_R mIoU (AL)':>13s} {'test mIoU (final)':>17s}")
     for strategy, r in results.items():
         print(
-            f"{strategy:10s} {r['final']['labeled']:7d} {100 * r['steps'][-1]['miou']:12.2f}% {100 * r['final']['test_miou']:16.2f}%"
+            f"{strategy:13s} {r['final']['labeled']:7d} {100 * r['steps'][-1]['miou']:12.2f}% {100 * r['final']['test_miou']:16.2f}%"
         )
     print(f"\nwrote {out / 'results.json'} and {out / 'miou_vs_budget.png'}")
     return 0
 
 
-def _plot_run(results: dict, path: Path, dataset: str) -> None:
+def _plot_run(results: dict, path: Path, dataset: str, start: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +163,11 @@ def _plot_run(results: dict, path: Path, dataset: str) -> None:
         )
     ax.set_xlabel("labeled regions")
     ax.set_ylabel("D_R mIoU (%)")
-    ax.set_title(f"{dataset}: active learning, reward-set mIoU after each step")
+    ax.set_title(
+        f"{dataset}: reward-set mIoU after each step (start: {start.get('name')}, "
+        f"pool D_V)\n(oracle reads the ground truth: an upper reference)",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -181,11 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: pretrain if needed, active learning, final training, plot",
                        description=MAIN_JOB_HELP)  # fmt: skip
     _add_common(p)
-    p.add_argument("--strategies", nargs="+", default=["random", "entropy"], choices=["random", "entropy"])
+    p.add_argument("--strategies", nargs="+", default=["random", "entropy", "oracle"], choices=list(METHODS),
+                   help="baseline agents to run (default: random entropy oracle; oracle reads the labels)")  # fmt: skip
     p.add_argument("--budget", type=int, default=480, help="regions to label (default: 480)")
     p.add_argument("--num-pools", type=int, default=24, help="K, regions labeled per step (default: 24)")
     p.add_argument("--pool-size", type=int, default=10, help="N, candidates per pool (default: 10)")
     p.add_argument("--out", default="outputs/run", help="output folder (default: outputs/run)")
+    p.add_argument("--config", default=None,
+                   help="YAML of environment settings (RegionALEnv.default_config() keys) over these")  # fmt: skip
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
     p.set_defaults(func=cmd_run)
     return parser

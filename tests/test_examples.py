@@ -165,8 +165,9 @@ def test_compare_methods_quick_preset_as_documented(camvid_root, tmp_path):
     assert {(r["method"], int(r["seed"]), int(r["budget"])) for r in rows} == {
         (m, 0, b) for m in ("random", "entropy", "bald") for b in (48, 96)
     }
-    # From a start network at ~43% test mIoU, 96 more regions cannot make or break it.
-    assert all(0.38 < float(r["test_miou"]) < 0.48 for r in rows)
+    # From the `source` start network (~34% test mIoU), 96 regions and a short final training keep
+    # it far above a scratch network and below what the whole pool gives.
+    assert all(0.25 < float(r["test_miou"]) < 0.45 for r in rows), [r["test_miou"] for r in rows]
     assert (tmp_path / "quick-miou-vs-budget.png").stat().st_size > 0
 
 

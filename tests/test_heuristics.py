@@ -81,11 +81,11 @@ def test_random_agent_respects_masks_and_seed():
     a = [RandomAgent(seed=3).predict(obs)[0] for _ in range(2)]
     assert (a[0] == a[1]).all() and set(np.unique(a[0])) <= {1, 2}
     assert set(HEURISTIC_AGENTS) == {"random", "entropy", "margin", "bald", "class_balance"}
-    with pytest.raises(ValueError, match="unknown heuristic"):
+    with pytest.raises(ValueError, match="unknown method"):
         make_heuristic_agent("coreset")
 
 
-@pytest.mark.parametrize("name", ["entropy", "margin", "class_balance", "bald"])
+@pytest.mark.parametrize("name", ["entropy", "margin", "class_balance", "bald", "oracle"])
 def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
     """``score_candidates`` works on the model's cell grid in chunks; it must give the region means
     of the full-resolution per-pixel maps (BALD: the same dropout masks, drawn in the same order)."""
@@ -111,6 +111,13 @@ def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
     ]
     if name == "bald":
         maps = torch.cat([pixel_bald(seg.mc_dropout_proba(base.pool_split, c, passes=3)) for c in chunks])
+    elif name == "oracle":  # class-weighted CE of each pixel against its true label, void pixels 0
+        probs = seg.predict_proba(base.pool_split, images)
+        labels = torch.from_numpy(np.asarray(base.pool_split.labels[images])).long()
+        maps = torch.nn.functional.nll_loss(
+            torch.log(probs), labels, weight=seg.head.class_weights, ignore_index=base.info_.ignore_index,
+            reduction="none",
+        )  # fmt: skip
     else:
         probs = seg.predict_proba(base.pool_split, images)
         if name == "entropy":

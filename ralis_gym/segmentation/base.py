@@ -21,7 +21,7 @@ import torch
 
 from ralis_gym.data.base import DatasetInfo, SegmentationSplit
 from ralis_gym.regions.grid import RegionGrid
-from ralis_gym.segmentation.metrics import SegmentationMetrics, confusion_matrix
+from ralis_gym.segmentation.metrics import SegmentationMetrics, cell_histograms, confusion_matrix
 from ralis_gym.segmentation.uncertainty import pixel_entropy  # noqa: F401  (re-exported)
 
 
@@ -37,13 +37,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class Segmenter(ABC):
     """A segmentation network with its optimiser, trained on labeled regions.
 
-    Subclasses implement ``_forward_proba`` (full-resolution softmax of some images), ``fit_regions``
-    and the state dict hooks. Everything random draws from ``self.generator`` (seeded), so the same
-    seed gives the same training on CPU.
+    A model implements one inference method, ``native_logits`` (class scores of some images at its
+    own output resolution: a grid of ``native_stride x native_stride``-pixel cells that nearest
+    upsampling maps onto the image; 1 means full resolution), plus ``fit_regions`` and the state
+    hooks. Everything else that reads predictions (full-resolution probabilities, arg-max and
+    entropy maps, MC-dropout passes, the confusion matrix of a split) is defined here once on top
+    of it, so a cheaper model cannot drift from the exact full-resolution definitions. Everything
+    random draws from ``self.generator`` (seeded), so the same seed gives the same training on CPU.
     """
 
     #: registry name of the model kind ("fast" or "paper")
     kind: str = ""
+    #: pixels per side of one native output cell (nearest upsampling to the image; 1 = full resolution)
+    native_stride: int = 1
 
     def __init__(self, info: DatasetInfo, device: str | torch.device = "auto", seed: int = 0) -> None:
         self.info = info
@@ -54,13 +60,17 @@ class Segmenter(ABC):
 
     # --- to implement ---------------------------------------------------------------------------
     @abstractmethod
-    def _forward_proba(
+    def native_logits(
         self, split: SegmentationSplit, indices: np.ndarray, dropout: bool = False
     ) -> torch.Tensor:
-        """Softmax ``[B, C, H, W]`` float32 at full resolution on ``self.device`` (eval mode, no grad).
+        """Class scores ``[B, C, H / s, W / s]`` float32 on ``self.device`` (eval mode, no grad),
+        ``s = native_stride``. ``dropout=True`` applies the MC-dropout layer before the classifier
+        (BALD, spec §7)."""
 
-        ``dropout=True`` applies the MC-dropout layer before the classifier (BALD, spec §7).
-        """
+    def _mc_logits(self, split: SegmentationSplit, indices: np.ndarray, passes: int) -> torch.Tensor:
+        """``[T, B, C, h, w]`` logits of ``passes`` MC-dropout passes. Models whose dropout sits after
+        a deterministic trunk override this to run the trunk once (same numbers, cheaper)."""
+        return torch.stack([self.native_logits(split, indices, dropout=True) for _ in range(passes)])
 
     @abstractmethod
     def fit_regions(
@@ -116,20 +126,49 @@ class Segmenter(ABC):
     def default_batch_size(self) -> int:
         return 4
 
+    def upsample(self, native: torch.Tensor) -> torch.Tensor:
+        """Nearest upsampling of ``[..., h, w]`` native maps to the image (every pixel copies its cell)."""
+        s = self.native_stride
+        if s == 1:
+            return native
+        return native.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
+
+    @torch.no_grad()
+    def native_proba(
+        self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray, passes: int | None = None
+    ) -> torch.Tensor:
+        """Softmax at the model's own output resolution: ``[B, C, h, w]``, or ``[T, B, C, h, w]`` of
+        ``passes`` MC-dropout passes. ``h``/``w`` are multiples of the region rows/columns, so the mean
+        of any per-pixel map over a region can be taken here exactly (the fast model's cell grid is
+        ~100x smaller than the image)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        logits = self.native_logits(split, idx) if passes is None else self._mc_logits(split, idx, passes)
+        return torch.softmax(logits, dim=-3)
+
+    @torch.no_grad()
+    def iter_native_proba(
+        self,
+        split: SegmentationSplit,
+        indices: Sequence[int] | np.ndarray | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield ``(indices, native probs [B, C, h, w])`` over the split in batches."""
+        idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        bs = batch_size or self.default_batch_size()
+        for start in range(0, idx.size, bs):
+            chunk = idx[start : start + bs]
+            yield chunk, self.native_proba(split, chunk)
+
     @torch.no_grad()
     def iter_proba(
         self,
         split: SegmentationSplit,
         indices: Sequence[int] | np.ndarray | None = None,
         batch_size: int | None = None,
-        dropout: bool = False,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Yield ``(indices, probs [B, C, H, W])`` over the split in batches."""
-        idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
-        bs = batch_size or self.default_batch_size()
-        for start in range(0, idx.size, bs):
-            chunk = idx[start : start + bs]
-            yield chunk, self._forward_proba(split, chunk, dropout=dropout)
+        """Yield ``(indices, probs [B, C, H, W])`` at full resolution over the split in batches."""
+        for chunk, probs in self.iter_native_proba(split, indices, batch_size):
+            yield chunk, self.upsample(probs).contiguous()
 
     @torch.no_grad()
     def predict_proba(self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
@@ -138,59 +177,66 @@ class Segmenter(ABC):
 
     @torch.no_grad()
     def predict(self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Arg-max class map ``[B, H, W]`` uint8."""
-        return (
-            torch.cat([p.argmax(1) for _, p in self.iter_proba(split, indices)]).to(torch.uint8).cpu().numpy()
-        )
+        """Arg-max class map ``[B, H, W]`` uint8 (arg-max on the native grid, then upsampled: the
+        same result as the arg-max of the upsampled probabilities)."""
+        maps = [
+            self.upsample(p.argmax(1)).to(torch.uint8).cpu()
+            for _, p in self.iter_native_proba(split, indices)
+        ]
+        if not maps:
+            return np.zeros((0, self.info.image_size[1], self.info.image_size[0]), dtype=np.uint8)
+        return torch.cat(maps).numpy()
 
     @torch.no_grad()
     def mc_dropout_proba(
         self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray, passes: int = 20
     ) -> torch.Tensor:
-        """``[T, B, C, H, W]`` softmax of T stochastic (dropout) forward passes, for BALD."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return torch.stack([self._forward_proba(split, idx, dropout=True) for _ in range(passes)])
-
-    @torch.no_grad()
-    def native_proba(
-        self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray, passes: int | None = None
-    ) -> torch.Tensor:
-        """Softmax at the model's own output resolution: ``[B, C, h, w]``, or ``[T, B, C, h, w]`` of
-        ``passes`` MC-dropout passes. Nearest-upsampling it to ``H x W`` gives the full-resolution
-        probabilities, and ``h``/``w`` are multiples of the region rows/columns, so the mean of any
-        per-pixel map over a region can be taken here exactly (the fast model's cell grid is ~100x
-        smaller than the image). The default is the full resolution."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if passes is None:
-            return self._forward_proba(split, idx)
-        return self.mc_dropout_proba(split, idx, passes=passes)
+        """``[T, B, C, H, W]`` softmax of T stochastic (dropout) forward passes at full resolution."""
+        return self.upsample(self.native_proba(split, indices, passes=passes)).contiguous()
 
     @torch.no_grad()
     def prediction_maps(
         self, split: SegmentationSplit, indices: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Arg-max ``[B, H, W]`` and entropy ``[B, H, W]`` maps at full resolution (the inputs of the
-        spec §4 region features). Models with a cheaper exact path (the fast model) override it."""
+        spec §4 region features), computed on the native grid and then expanded: the same numbers as
+        from the upsampled softmax without building the ``[B, C, H, W]`` tensor."""
         from ralis_gym.features.regions import entropy_map
 
-        probs = self.predict_proba(split, indices)
-        return probs.argmax(1), entropy_map(probs)
+        preds, ents = [], []
+        for _, p in self.iter_native_proba(split, indices):
+            preds.append(self.upsample(p.argmax(1)))
+            ents.append(self.upsample(entropy_map(p)))
+        return torch.cat(preds), torch.cat(ents)
 
     @torch.no_grad()
     def evaluate(
         self, split: SegmentationSplit, batch_size: int | None = None, progress: bool = False
     ) -> SegmentationMetrics:
-        """Confusion matrix over the whole split at full resolution, and the metrics derived from it."""
+        """Confusion matrix over the whole split at full resolution, and the metrics derived from it.
+
+        With a native grid coarser than the image, every pixel of a cell gets the cell's arg-max, so
+        the confusion matrix is ``sum_cells hist_cell (x) onehot(pred_cell)`` with the cached per-cell
+        ground-truth histograms: a scatter-add instead of per-pixel bincounts, and exactly equal.
+        """
         from tqdm.auto import tqdm
 
-        cm = torch.zeros(self.info.num_classes, self.info.num_classes, dtype=torch.int64, device=self.device)
-        batches = self.iter_proba(split, batch_size=batch_size)
-        total = -(-len(split) // (batch_size or self.default_batch_size()))
+        c = self.info.num_classes
+        cm = torch.zeros(c, c, dtype=torch.int64, device=self.device)
+        hist = cell_histograms(split, self.native_stride) if self.native_stride > 1 else None
+        bs = batch_size or self.default_batch_size()
+        batches = self.iter_native_proba(split, batch_size=bs)
+        total = -(-len(split) // bs)
         for idx, probs in tqdm(
             batches, total=total, desc=f"eval {split.name}", leave=False, disable=not progress
         ):
-            target = torch.from_numpy(np.asarray(split.labels[idx])).to(self.device)
-            cm += confusion_matrix(probs.argmax(1), target, self.info.num_classes, self.info.ignore_index)
+            pred = probs.argmax(1)
+            if hist is None:
+                target = torch.from_numpy(np.asarray(split.labels[idx])).to(self.device)
+                cm += confusion_matrix(pred, target, c, self.info.ignore_index)
+            else:
+                cells = hist[torch.from_numpy(idx)].reshape(-1, c).to(self.device).long()
+                cm.index_add_(1, pred.reshape(-1), cells.T)
         return SegmentationMetrics.from_confusion(cm)
 
     def fit_images(self, split: SegmentationSplit, epochs: int = 1, progress: bool = False) -> float:

@@ -47,7 +47,6 @@ Deviations from the paper, on purpose and measured (``benchmarks/fast_model_accu
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,15 +60,15 @@ from ralis_gym.segmentation.base import Segmenter
 from ralis_gym.segmentation.encoder import (
     CellEncoder,
     EncoderConfig,
-    clear_feature_cache,
-    content_fingerprint,
     position_encoding,
     split_features,
 )
-from ralis_gym.segmentation.metrics import SegmentationMetrics
+from ralis_gym.segmentation.metrics import cell_histograms
 
 #: class-weighting schemes understood by ``FastSegmenter``
 CLASS_WEIGHTINGS = ("none", "sqrt_median", "median")
+#: optimisers of the head
+OPTIMIZERS = ("adam", "sgd")
 
 
 def pretrain_schedule() -> dict[str, Any]:
@@ -95,104 +94,103 @@ def default_stride(region_size: tuple[int, int], min_cells: int = 8) -> int:
     return max(good) if good else 1
 
 
-class CellHead(nn.Module):
-    """Per-cell MLP on standardised features plus a learned position embedding.
+class ContextBlock(nn.Module):
+    """Residual block ``h + relu(norm(conv(h)))`` over the cell grid.
 
-    ``feature_mean``/``feature_std`` (input standardisation) and ``class_weights`` are buffers set
-    once from unlabeled statistics / the first training labels (``FastSegmenter.initialise``).
+    ``dilation > 0``: a 3x3 convolution with that dilation (depthwise then pointwise when
+    ``separable``: ~9x fewer multiply-adds than a full 3x3 at the same width); ``dilation == 0``: a
+    1x1 convolution (a per-cell layer, which is what the MLP head is made of).
     """
 
-    def __init__(self, in_dim: int, pos_dim: int, hidden: int, num_classes: int) -> None:
+    def __init__(self, width: int, dilation: int, separable: bool, norm: bool) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.pos = nn.Linear(pos_dim, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.cls = nn.Linear(hidden, num_classes)
+        if dilation == 0:
+            self.spatial = None
+        elif separable:
+            self.spatial = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, groups=width)
+        else:
+            self.spatial = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.mix = nn.Conv2d(width, width, 1) if (dilation == 0 or separable) else None
+        self.norm = nn.BatchNorm2d(width) if norm else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = h if self.spatial is None else self.spatial(h)
+        if self.mix is not None:
+            y = self.mix(y)
+        if self.norm is not None:
+            y = self.norm(y)
+        return h + F.relu(y)
+
+
+class GridHead(nn.Module):
+    """Trainable head over the cell grid: per-cell input layer + position embedding, a stack of
+    (dilated) context blocks, MC dropout, a 1x1 classifier.
+
+    ``feature_mean``/``feature_std`` (input standardisation, folded into the input layer so the
+    282-channel input is read once) and ``class_weights`` are buffers set once from unlabeled
+    statistics / the first training labels (``FastSegmenter.initialise``).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        pos_dim: int,
+        width: int,
+        num_classes: int,
+        dilations: Sequence[int],
+        separable: bool,
+        norm: bool,
+    ) -> None:
+        super().__init__()
+        self.inp = nn.Linear(in_dim, width)
+        self.pos = nn.Linear(pos_dim, width, bias=False)
+        self.norm0 = nn.BatchNorm2d(width) if norm else None
+        self.blocks = nn.ModuleList(ContextBlock(width, int(d), separable, norm) for d in dilations)
+        self.cls = nn.Conv2d(width, num_classes, 1)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
         self.register_buffer("class_weights", torch.ones(num_classes))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """PyTorch's default Linear init (uniform +-1/sqrt(fan_in)), drawn from ``generator``."""
+        """PyTorch's default init (uniform +-1/sqrt(fan_in)), drawn from ``generator``; norms reset."""
         with torch.no_grad():
-            for layer in (self.fc1, self.pos, self.fc2, self.cls):
-                bound = 1.0 / math.sqrt(layer.in_features)
-                w = torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=generator)
-                layer.weight.copy_(w)
-                if layer.bias is not None:
-                    b = torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=generator)
-                    layer.bias.copy_(b)
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    fan_in = module.weight[0].numel()
+                    bound = 1.0 / math.sqrt(fan_in)
+                    module.weight.copy_(
+                        torch.empty(module.weight.shape).uniform_(-bound, bound, generator=generator)
+                    )
+                    if module.bias is not None:
+                        module.bias.copy_(
+                            torch.empty(module.bias.shape).uniform_(-bound, bound, generator=generator)
+                        )
+                elif isinstance(module, nn.BatchNorm2d):
+                    module.reset_parameters()
+                    module.reset_running_stats()
 
-    def folded_input_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``fc1`` with the standardisation folded in: ``fc1((x - m) / s) == x @ W.T + b``."""
-        w = self.fc1.weight / self.feature_std
-        b = self.fc1.bias - w @ self.feature_mean
-        return w, b
+    def trunk(self, x: torch.Tensor, positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """Features ``x [B, cells, D]`` (raw, standardised here) -> activations ``[B, width, rows, cols]``
+        before the dropout and the classifier. The input layer is a matmul over the cells; its output
+        viewed as ``[B, width, rows, cols]`` is channels-last, which the convolutions take as is."""
+        w = self.inp.weight / self.feature_std
+        b = self.inp.bias - w @ self.feature_mean
+        pos = torch.addmm(b, positions, self.pos.weight.T)  # [cells, width], shared by the batch
+        h = torch.matmul(x, w.T).add_(pos)
+        h = h.view(x.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
+        if self.norm0 is not None:
+            h = self.norm0(h)
+        h = F.relu(h)
+        for block in self.blocks:
+            h = block(h)
+        return h
 
-    def forward(
-        self, x: torch.Tensor, pos_term: torch.Tensor, drop_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits ``[..., C]`` of features ``x [..., D]``; ``pos_term`` broadcasts to ``[..., hidden]``.
-
-        Training path (explicit standardisation, so SGD sees unit-scale inputs); ``drop_mask`` is an
-        already scaled keep mask (``bernoulli(1-p) / (1-p)``) or None.
-        """
-        h = F.relu(self.fc1((x - self.feature_mean) / self.feature_std) + pos_term)
-        h = F.relu(self.fc2(h))
+    def classify(self, h: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, C, rows, cols]``; ``drop_mask`` is an already scaled keep mask or None."""
         if drop_mask is not None:
             h = h * drop_mask
         return self.cls(h)
-
-
-# Per-cell ground-truth histograms, shared by every segmenter (keyed by stride and split).
-_TARGETS: dict[tuple[int, int, int, str, str], torch.Tensor] = {}
-_TARGETS_LOCK = threading.Lock()
-
-
-def cell_histograms(split: SegmentationSplit, stride: int, chunk: int = 16) -> torch.Tensor:
-    """Ground-truth pixels per class of every cell: int16 ``[N, rows * cols, C]`` (ignore excluded).
-
-    Cached in memory per ``(stride, classes, split.key, label fingerprint)``; one ``bincount`` per
-    chunk of images.
-    """
-    info = split.info
-    key = (stride, info.num_classes, info.ignore_index, split.key, content_fingerprint(split.labels))
-    with _TARGETS_LOCK:
-        hit = _TARGETS.get(key)
-    if hit is not None:
-        return hit
-    width, height = info.image_size
-    rows, cols, c = height // stride, width // stride, info.num_classes
-    if stride * rows != height or stride * cols != width:
-        raise ValueError(f"stride {stride} does not divide the image size {width}x{height}")
-    if stride * stride > np.iinfo(np.int16).max:
-        raise ValueError(f"stride {stride} is too large for int16 cell histograms")
-    out = torch.empty((len(split), rows * cols, c), dtype=torch.int16)
-    lut = np.full(256, c, dtype=np.int64)  # every non-class id (the ignore id) goes to a dropped bin
-    lut[:c] = np.arange(c)
-    for start in range(0, len(split), chunk):
-        lab = np.asarray(split.labels[start : start + chunk])
-        n = lab.shape[0]
-        bins = (
-            lut[lab]
-            .reshape(n, rows, stride, cols, stride)
-            .transpose(0, 1, 3, 2, 4)
-            .reshape(n * rows * cols, -1)
-        )
-        flat = bins + (np.arange(n * rows * cols) * (c + 1))[:, None]
-        counts = np.bincount(flat.ravel(), minlength=n * rows * cols * (c + 1)).reshape(n, rows * cols, c + 1)
-        out[start : start + n] = torch.from_numpy(counts[..., :c].astype(np.int16))
-    with _TARGETS_LOCK:
-        _TARGETS[key] = out
-    return out
-
-
-def clear_caches() -> None:
-    """Drop the in-memory feature and cell-histogram caches (e.g. between experiments in one process)."""
-    clear_feature_cache()
-    with _TARGETS_LOCK:
-        _TARGETS.clear()
 
 
 def class_weights_from_counts(counts: np.ndarray | torch.Tensor, scheme: str) -> torch.Tensor:
@@ -217,26 +215,33 @@ def class_weights_from_counts(counts: np.ndarray | torch.Tensor, scheme: str) ->
     return weights.float()
 
 
+#: the head of the fast model before v2 (a per-cell MLP): ``FastSegmenter(**MLP_HEAD)``
+MLP_HEAD: dict[str, Any] = {"width": 96, "dilations": (0,), "separable": False, "norm": False}
+
+
 class FastSegmenter(Segmenter):
-    """Fast CPU segmenter: cached frozen cell features + trainable per-cell MLP head.
+    """Fast CPU segmenter: cached frozen cell features + a trainable head over the cell grid.
 
     Args:
         info: dataset facts (classes, image and region size).
         device: where the head runs (features stay cached on the CPU).
         seed: seeds ``self.generator``, the only source of randomness (init, shuffling, dropout).
         stride: cell size in pixels; must divide the region size (default ``default_stride``).
-        hidden: width of the two hidden layers.
-        lr: SGD learning rate of ``fit_regions`` (AL steps, final training); see module doc.
-        pretrain_lr: SGD learning rate of ``fit_images`` (pretraining on fully labeled images).
-        batch_size: anchors (regions) per minibatch (32 as the paper's CamVid setting).
+        width: channels of the head.
+        dilations: one residual context block per entry (3x3 conv with that dilation; 0 = 1x1).
+        separable: depthwise + pointwise 3x3 convolutions (cheap) instead of full ones.
+        norm: BatchNorm in the head (batch statistics in training, running statistics at inference).
+        optimizer: ``"adam"`` (default) or ``"sgd"`` (momentum ``momentum``, the reference's choice).
+        lr: learning rate of ``fit_regions`` (AL steps, final training); see the module doc.
+        pretrain_lr: learning rate of ``fit_images`` (pretraining on fully labeled images).
+        batch_size: images per minibatch (the loss of an image covers all its labeled regions).
         class_weighting: ``"sqrt_median"`` (default), ``"median"`` or ``"none"`` (see module doc).
-        hflip: mirror half of the training samples (cheap; off by default, see module doc).
+        hflip: mirror half of the training images (cheap; off by default, see module doc).
         dropout: MC-dropout probability before the classifier.
         train_dropout: also apply that dropout while training.
         encoder: encoder configuration; its stride must equal ``stride``.
         disk_cache: keep encoded features under ``<user cache>/features`` as well as in memory.
-        eval_batch_size: images per forward in ``iter_proba``/``evaluate`` (8 is the fastest on CPU:
-            the activations of 8 images stay in cache).
+        eval_batch_size: images per forward at inference.
     """
 
     kind = "fast"
@@ -248,14 +253,18 @@ class FastSegmenter(Segmenter):
         seed: int = 0,
         *,
         stride: int | None = None,
-        hidden: int = 96,
-        lr: float = 3e-4,
-        pretrain_lr: float = 1e-2,
+        width: int = 64,
+        dilations: Sequence[int] = (1, 2, 4),
+        separable: bool = True,
+        norm: bool = True,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        pretrain_lr: float = 1e-3,
         momentum: float = 0.95,
         weight_decay: float = 1e-4,
         grad_clip: float = 4.0,
         lr_gamma: float = 0.998,
-        batch_size: int = 32,
+        batch_size: int = 8,
         class_weighting: str = "sqrt_median",
         hflip: bool = False,
         dropout: float = 0.5,
@@ -279,10 +288,17 @@ class FastSegmenter(Segmenter):
             )
         if class_weighting not in CLASS_WEIGHTINGS:
             raise ValueError(f"unknown class weighting {class_weighting!r}; choose one of {CLASS_WEIGHTINGS}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        self.stride = s
-        self.hidden = hidden
+        if width <= 0 or batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError("width, batch_size and eval_batch_size must be positive")
+        if any(int(d) < 0 for d in dilations):
+            raise ValueError(f"dilations must be >= 0 (0 = a 1x1 block), got {tuple(dilations)}")
+        self.stride = self.native_stride = s
+        self.width, self.dilations = int(width), tuple(int(d) for d in dilations)
+        self.separable, self.norm, self.optimizer_name = bool(separable), bool(norm), optimizer
         self.lr, self.pretrain_lr = lr, pretrain_lr
         self.momentum, self.weight_decay = momentum, weight_decay
         self.grad_clip, self.lr_gamma, self.batch_size = grad_clip, lr_gamma, batch_size
@@ -293,33 +309,29 @@ class FastSegmenter(Segmenter):
 
         self.rows, self.cols = self.encoder.grid_shape(info.image_size)
         self.cells = self.rows * self.cols
-        # Flat cell indices of every region (local region id order = regions/grid.py order).
-        ch, cw = rh // s, rw // s
-        local = np.arange(self.grid.per_image)
-        col, row = np.divmod(local, self.grid.rows)
-        cy = row[:, None] * ch + np.arange(ch)[None, :]
-        cx = col[:, None] * cw + np.arange(cw)[None, :]
-        self._region_cells = torch.from_numpy(
-            (cy[:, :, None] * self.cols + cx[:, None, :]).reshape(len(local), -1)
-        )
-        # The same cell seen in the mirrored image (for flip augmentation) and the position features.
-        cell = np.arange(self.cells)
-        self._mirror_cell = torch.from_numpy(
-            (cell // self.cols) * self.cols + (self.cols - 1 - cell % self.cols)
-        )
+        # Region mask [images, rows, cols] -> cell mask: which grid rows/cols of cells each region covers.
+        self._cells_per_region = (rh // s, rw // s)
         self._positions = position_encoding(self.rows, self.cols).reshape(self.cells, -1).to(self.device)
         self._flip_perm = self.encoder.flip_permutation()
 
-        self.head = CellHead(self.encoder.dim, self._positions.shape[1], hidden, info.num_classes)
+        self.head = GridHead(
+            self.encoder.dim, self._positions.shape[1], self.width, info.num_classes,
+            self.dilations, self.separable, self.norm,
+        )  # fmt: skip
         self.head.reset_parameters(self.generator)
         self.head.to(self.device)
+        self.head.eval()
         self.reset_optimizer()
 
     # --- configuration / state --------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this segmenter (saved with the weights)."""
         return {
-            "hidden": self.hidden,
+            "width": self.width,
+            "dilations": list(self.dilations),
+            "separable": self.separable,
+            "norm": self.norm,
+            "optimizer": self.optimizer_name,
             "lr": self.lr,
             "pretrain_lr": self.pretrain_lr,
             "momentum": self.momentum,
@@ -334,6 +346,10 @@ class FastSegmenter(Segmenter):
             "encoder": self.encoder.config.to_dict(),
         }
 
+    def _architecture(self) -> dict[str, Any]:
+        return {"width": self.width, "dilations": list(self.dilations), "separable": self.separable,
+                "norm": self.norm}  # fmt: skip
+
     def model_state(self) -> dict[str, Any]:
         """Head weights, standardisation/class-weight buffers and the config (a start-network file)."""
         return {
@@ -346,10 +362,12 @@ class FastSegmenter(Segmenter):
     def load_model_state(self, state: dict[str, Any]) -> None:
         if state.get("kind", self.kind) != self.kind:
             raise ValueError(f"state of a {state.get('kind')!r} model cannot load into a {self.kind!r} model")
-        hidden = state.get("config", {}).get("hidden", self.hidden)
-        if hidden != self.hidden:
+        saved = state.get("config", {})
+        arch = {k: saved.get(k, v) for k, v in self._architecture().items()}
+        arch["dilations"] = list(arch["dilations"])
+        if arch != self._architecture():
             raise ValueError(
-                f"state has a head of width {hidden} but this segmenter has {self.hidden}; "
+                f"state has a head {arch} but this segmenter has {self._architecture()}; "
                 "build it with FastSegmenter.from_state"
             )
         key = state.get("encoder_key")
@@ -359,6 +377,7 @@ class FastSegmenter(Segmenter):
                 f"{self.encoder.config.key}; build it with FastSegmenter.from_state"
             )
         self.head.load_state_dict({k: v.to(self.device) for k, v in state["head"].items()})
+        self.head.eval()
 
     @classmethod
     def from_state(
@@ -375,9 +394,13 @@ class FastSegmenter(Segmenter):
         return seg
 
     def reset_optimizer(self) -> None:
-        self.optimizer = torch.optim.SGD(
-            self.head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        params = self.head.parameters()
+        if self.optimizer_name == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.lr_gamma)
 
     def step_lr(self) -> None:
@@ -386,8 +409,8 @@ class FastSegmenter(Segmenter):
     def fit_images(self, split: SegmentationSplit, epochs: int = 1, progress: bool = False) -> float:
         """Train on fully labeled images at ``pretrain_lr`` (times the current decay factor).
 
-        Pretraining a start network is this call in a loop (see ``fit_with_early_stopping``); the AL
-        steps use ``fit_regions`` at ``lr``. Optimiser state (momentum, decay) is shared by both.
+        Pretraining a start network is this call in a loop (``train_until_plateau``); the AL steps
+        and the final training use ``fit_regions`` at ``lr``. Optimiser state is shared by both.
         """
         group = self.optimizer.param_groups[0]
         saved = group["lr"]
@@ -459,9 +482,8 @@ class FastSegmenter(Segmenter):
 
     def _cell_mask(self, labeled: np.ndarray) -> torch.Tensor:
         """Region mask ``[N, rows, cols]`` -> cell mask ``[N, cells]`` float (1 = labeled)."""
-        s = self.stride
-        rw, rh = self.info.region_size
-        cells = np.repeat(np.repeat(labeled, rh // s, axis=1), rw // s, axis=2)
+        ch, cw = self._cells_per_region
+        cells = np.repeat(np.repeat(labeled, ch, axis=1), cw, axis=2)
         return torch.from_numpy(cells.reshape(labeled.shape[0], -1).astype(np.float32))
 
     # --- inference --------------------------------------------------------------------------------
@@ -470,122 +492,41 @@ class FastSegmenter(Segmenter):
         mask = (torch.rand(shape, generator=self.generator) < keep).float() / keep
         return mask.to(self.device)
 
-    @torch.no_grad()
-    def _hidden(self, split: SegmentationSplit, idx: np.ndarray) -> torch.Tensor:
-        """Activations before the (MC-)dropout and the classifier, ``[B, cells, hidden]``."""
+    def _inputs(self, split: SegmentationSplit, idx: np.ndarray) -> torch.Tensor:
+        """Float32 features ``[B, cells, D]`` of some images (a contiguous range is sliced, not gathered)."""
         feats = self.features(split)
         if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
             x = feats[int(idx[0]) : int(idx[0]) + idx.size]
         else:
             x = feats[torch.from_numpy(idx)]
-        x = x.to(self.device, torch.float32)
-        head = self.head
-        w, b = head.folded_input_layer()
-        pos = torch.addmm(b, self._positions, head.pos.weight.T)  # [cells, hidden], shared by the batch
-        h = torch.matmul(x, w.T).add_(pos).relu_()
-        return torch.matmul(h, head.fc2.weight.T).add_(head.fc2.bias).relu_()
+        return x.to(self.device, torch.float32)
 
     @torch.no_grad()
-    def cell_proba(
+    def _trunk(self, split: SegmentationSplit, idx: np.ndarray) -> torch.Tensor:
+        """Head activations before the (MC-)dropout and the classifier, ``[B, width, rows, cols]``."""
+        self.head.eval()
+        return self.head.trunk(self._inputs(split, idx), self._positions, self.rows, self.cols)
+
+    @torch.no_grad()
+    def native_logits(
         self, split: SegmentationSplit, indices: np.ndarray, dropout: bool = False
     ) -> torch.Tensor:
-        """Softmax per cell, ``[B, C, cells]`` float32 on ``self.device`` (eval path, no grad).
-
-        Tuned for the reward-set evaluation that follows every AL step: a contiguous range of images
-        is sliced (no gather), the standardisation is folded into ``fc1``, activations are updated in
-        place, and the classifier writes class-major logits so the softmax runs over a leading axis.
-        """
-        h = self._hidden(split, np.asarray(indices, dtype=np.int64).reshape(-1))
-        if dropout and self.dropout > 0:
-            h.mul_(self._drop_mask(tuple(h.shape)))
-        return self._classify(h)
-
-    def _classify(self, h: torch.Tensor) -> torch.Tensor:
-        """``[B, cells, hidden]`` -> softmax ``[B, C, cells]`` (class-major logits)."""
-        logits = torch.matmul(self.head.cls.weight, h.transpose(1, 2)).add_(self.head.cls.bias[:, None])
-        return torch.softmax(logits, dim=1)
+        """Logits on the cell grid, ``[B, C, rows, cols]``."""
+        h = self._trunk(split, np.asarray(indices, dtype=np.int64).reshape(-1))
+        drop = self._drop_mask(tuple(h.shape)) if dropout and self.dropout > 0 else None
+        return self.head.classify(h, drop)
 
     @torch.no_grad()
-    def native_proba(
-        self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray, passes: int | None = None
-    ) -> torch.Tensor:
-        """Per-cell softmax on the cell grid, ``[B, C, rows, cols]`` (``[T, B, C, rows, cols]`` with
-        ``passes``). The MC-dropout passes share the deterministic trunk: the hidden activations are
-        computed once and only the dropout mask and the classifier are repeated, with the masks drawn
-        in the same order as ``mc_dropout_proba`` (same numbers, ~T times cheaper)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if passes is None:
-            return self.cell_proba(split, idx).reshape(idx.size, -1, self.rows, self.cols)
-        h = self._hidden(split, idx)
+    def _mc_logits(self, split: SegmentationSplit, indices: np.ndarray, passes: int) -> torch.Tensor:
+        """MC-dropout passes share the deterministic trunk: it runs once and only the dropout mask and
+        the classifier are repeated, with the masks drawn in the order of ``passes`` separate
+        ``native_logits(dropout=True)`` calls (same numbers, ~T times cheaper)."""
+        h = self._trunk(split, np.asarray(indices, dtype=np.int64).reshape(-1))
         out = []
         for _ in range(passes):
-            hd = h * self._drop_mask(tuple(h.shape)) if self.dropout > 0 else h
-            out.append(self._classify(hd).reshape(idx.size, -1, self.rows, self.cols))
+            drop = self._drop_mask(tuple(h.shape)) if self.dropout > 0 else None
+            out.append(self.head.classify(h, drop))
         return torch.stack(out)
-
-    def _upsample(self, cell_values: torch.Tensor) -> torch.Tensor:
-        """``[B, K, cells]`` -> ``[B, K, H, W]`` by nearest-neighbour (every pixel copies its cell)."""
-        b, k, _ = cell_values.shape
-        grid = cell_values.reshape(b, k, self.rows, self.cols)
-        return grid.repeat_interleave(self.stride, dim=2).repeat_interleave(self.stride, dim=3)
-
-    @torch.no_grad()
-    def _forward_proba(
-        self, split: SegmentationSplit, indices: np.ndarray, dropout: bool = False
-    ) -> torch.Tensor:
-        return self._upsample(self.cell_proba(split, indices, dropout=dropout)).contiguous()
-
-    @torch.no_grad()
-    def prediction_maps(
-        self, split: SegmentationSplit, indices: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Arg-max and entropy maps computed per cell, then expanded: the same numbers as from the
-        upsampled softmax without ever building the ``[B, C, H, W]`` tensor."""
-        idx = np.asarray(indices, dtype=np.int64)
-        preds, ents = [], []
-        for start in range(0, idx.size, self.default_batch_size()):
-            p = self.cell_proba(split, idx[start : start + self.default_batch_size()])
-            ent = -(p * torch.log(p + 1e-10)).sum(1, keepdim=True)
-            preds.append(self._upsample(p.argmax(1, keepdim=True))[:, 0])
-            ents.append(self._upsample(ent)[:, 0])
-        return torch.cat(preds), torch.cat(ents)
-
-    @torch.no_grad()
-    def predict(self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Arg-max class map ``[B, H, W]`` uint8 (argmax per cell, then upsampled: same result, cheaper)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        bs = self.default_batch_size()
-        out = []
-        for start in range(0, idx.size, bs):
-            pred = self.cell_proba(split, idx[start : start + bs]).argmax(1, keepdim=True)
-            out.append(self._upsample(pred)[:, 0].to(torch.uint8).cpu())
-        if not out:
-            h, w = self.info.image_size[1], self.info.image_size[0]
-            return np.zeros((0, h, w), dtype=np.uint8)
-        return torch.cat(out).numpy()
-
-    @torch.no_grad()
-    def evaluate(
-        self, split: SegmentationSplit, batch_size: int | None = None, progress: bool = False
-    ) -> SegmentationMetrics:
-        """Exact full-resolution confusion matrix from per-cell predictions and cached cell histograms.
-
-        Nearest upsampling gives every pixel of a cell the cell's arg-max, so the confusion matrix is
-        ``sum_cells hist_cell (x) onehot(pred_cell)``: a scatter-add instead of 170k-pixel bincounts per
-        image. Batches match ``Segmenter.evaluate`` so the result equals it exactly.
-        """
-        from tqdm.auto import tqdm
-
-        c = self.info.num_classes
-        hist = self.targets(split)
-        cm = torch.zeros(c, c, dtype=torch.int64)
-        bs = batch_size or self.default_batch_size()
-        starts = range(0, len(split), bs)
-        for start in tqdm(starts, desc=f"eval {split.name}", leave=False, disable=not progress):
-            idx = np.arange(start, min(start + bs, len(split)))
-            pred = self.cell_proba(split, idx).argmax(1).reshape(-1).cpu()
-            cm.index_add_(1, pred, hist[start : start + idx.size].reshape(-1, c).T.long())
-        return SegmentationMetrics.from_confusion(cm)
 
     # --- training ---------------------------------------------------------------------------------
     def fit_regions(
@@ -596,11 +537,12 @@ class FastSegmenter(Segmenter):
         epochs: int = 1,
         progress: bool = False,
     ) -> float:
-        """Train on the cells of the anchor regions; loss over labeled pixels only (see module doc).
+        """Train on the images of the anchor regions; loss over labeled pixels only (see module doc).
 
-        One epoch is one pass over ``anchors`` in shuffled minibatches of ``batch_size`` regions. Each
-        sample is the anchor region's ``(rh/stride) x (rw/stride)`` cells; cells of regions that are not
-        ``labeled`` contribute nothing. Returns the mean minibatch loss (0.0 if nothing was labeled).
+        One epoch is one pass over the distinct images of ``anchors`` in shuffled minibatches of
+        ``batch_size`` images. The head sees each whole image (its context), and the loss of an
+        image covers every region of it that ``labeled`` marks, as the reference's masked targets
+        do. Returns the mean minibatch loss (0.0 if nothing was labeled).
         """
         from tqdm.auto import tqdm
 
@@ -609,54 +551,49 @@ class FastSegmenter(Segmenter):
             return 0.0
         if not self.is_initialised:
             self.initialise(split, labeled)
-        feats, hist = self.features(split), self.targets(split)
-        image, row, col = self.grid.split_ids(anchors)
-        local = torch.from_numpy(anchors % self.grid.per_image)
-        image_t = torch.from_numpy(image)
-        anchor_labeled = torch.from_numpy(labeled[image, row, col])
+        images = np.unique(self.grid.split_ids(anchors)[0])
+        images = images[labeled[images].any(axis=(1, 2))]  # an image without labels carries no loss
+        if images.size == 0:
+            return 0.0
+        hist = self.targets(split)
+        mask = self._cell_mask(labeled[images])
+        images_t = torch.from_numpy(images)
         weights = self.head.class_weights
         self.head.train()
         losses: list[float] = []
-        steps = [(e, s) for e in range(epochs) for s in range(0, anchors.size, self.batch_size)]
-        bar = tqdm(total=len(steps), desc=f"fit {split.name}", leave=False, disable=not progress)
+        per_epoch = -(-images.size // self.batch_size)
+        bar = tqdm(total=epochs * per_epoch, desc=f"fit {split.name}", leave=False, disable=not progress)
         for _ in range(epochs):
-            order = torch.randperm(anchors.size, generator=self.generator)
-            for start in range(0, anchors.size, self.batch_size):
+            order = torch.randperm(images.size, generator=self.generator)
+            for start in range(0, images.size, self.batch_size):
                 sel = order[start : start + self.batch_size]
-                sel = sel[anchor_labeled[sel]]  # a region without labels carries no loss
+                y = hist[images_t[sel]].float() * mask[sel].unsqueeze(-1)
+                x = self._inputs(split, images[sel.numpy()])
+                losses.append(self._train_step(x, y.to(self.device), weights))
                 bar.update(1)
-                if sel.numel() == 0:
-                    continue
-                losses.append(self._train_step(feats, hist, image_t[sel], local[sel], weights))
         bar.close()
         self.head.eval()
         return float(np.mean(losses)) if losses else 0.0
 
-    def _train_step(
-        self,
-        feats: torch.Tensor,
-        hist: torch.Tensor,
-        image: torch.Tensor,
-        local: torch.Tensor,
-        weights: torch.Tensor,
-    ) -> float:
-        cells = self._region_cells[local]  # [A, cells per region]
-        x = feats[image[:, None], cells].to(self.device, torch.float32)
-        y = hist[image[:, None], cells].to(self.device, torch.float32)
-        pos_cells = cells
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> float:
+        """One optimiser step on whole images: features ``x [B, cells, D]``, masked cell histograms
+        ``y [B, cells, C]``. The loss is the class-weighted pixel cross-entropy over labeled pixels."""
         if self.hflip:
-            flip = torch.rand(image.numel(), generator=self.generator) < 0.5
+            flip = torch.rand(x.shape[0], generator=self.generator) < 0.5
             if bool(flip.any()):
-                x[flip] = x[flip][..., self._flip_perm]
-                pos_cells = torch.where(flip[:, None], self._mirror_cell[cells], cells)
-        pos_term = self._positions[pos_cells] @ self.head.pos.weight.T
+                b, d, c = x.shape[0], x.shape[-1], y.shape[-1]
+                xf = x.view(b, self.rows, self.cols, d)[flip].flip(2)[..., self._flip_perm]
+                yf = y.view(b, self.rows, self.cols, c)[flip].flip(2)
+                x, y = x.clone(), y.clone()
+                x[flip] = xf.reshape(-1, self.cells, d)
+                y[flip] = yf.reshape(-1, self.cells, c)
+        h = self.head.trunk(x, self._positions, self.rows, self.cols)
         drop = None
         if self.train_dropout and self.dropout > 0:
-            drop = self._drop_mask((*x.shape[:-1], self.hidden))
-        logits = self.head(x, pos_term, drop)
+            drop = self._drop_mask(tuple(h.shape))
+        logits = self.head.classify(h, drop).flatten(2).transpose(1, 2)  # [B, cells, C]
         target = y * weights
-        norm = target.sum()
-        loss = -(target * F.log_softmax(logits, dim=-1)).sum() / norm.clamp_min(1e-12)
+        loss = -(target * F.log_softmax(logits, dim=-1)).sum() / target.sum().clamp_min(1e-12)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
@@ -671,45 +608,8 @@ class FastSegmenter(Segmenter):
         """
         idx = np.asarray(indices, dtype=np.int64)
         with torch.no_grad():
-            p = self.cell_proba(split, idx).transpose(1, 2)
+            logp = torch.log_softmax(self.native_logits(split, idx), dim=1).flatten(2).transpose(1, 2)
             mask = self._cell_mask(np.asarray(labeled, dtype=bool)[idx]).to(self.device)
             y = self.targets(split)[torch.from_numpy(idx)].to(self.device, torch.float32) * mask.unsqueeze(-1)
             target = y * self.head.class_weights
-            return float(-(target * torch.log(p.clamp_min(1e-30))).sum() / target.sum().clamp_min(1e-12))
-
-
-def fit_with_early_stopping(
-    seg: Segmenter,
-    train_split: SegmentationSplit,
-    val_split: SegmentationSplit,
-    max_epochs: int = 300,
-    patience: int = 30,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Pretrain ``seg`` on every region of ``train_split``, keeping the best ``val_split`` mIoU epoch.
-
-    The paper's pretraining protocol (spec §9) at fast-model scale: one epoch = one pass over all
-    regions of the fully labeled training images, mIoU on the validation split after each epoch,
-    ExponentialLR stepped once per epoch, stop after ``patience`` epochs without improvement, and
-    restore the best weights (NaN mIoU never counts as an improvement). Works for any ``Segmenter``.
-    Returns ``{"history": [{"epoch", "loss", "val_miou"}], "best_miou", "best_epoch"}``.
-    """
-    from tqdm.auto import tqdm
-
-    history: list[dict[str, float]] = []
-    best_miou, best_epoch, best_state = -1.0, -1, None
-    bar = tqdm(range(max_epochs), desc="pretrain", disable=not progress)
-    for epoch in bar:
-        loss = seg.fit_images(train_split, epochs=1)
-        seg.step_lr()
-        miou = seg.evaluate(val_split).miou
-        history.append({"epoch": epoch, "loss": loss, "val_miou": miou})
-        if np.isfinite(miou) and miou > best_miou:
-            best_miou, best_epoch = miou, epoch
-            best_state = seg.snapshot()
-        bar.set_postfix(loss=f"{loss:.3f}", val=f"{miou:.4f}", best=f"{best_miou:.4f}")
-        if epoch - best_epoch >= patience:
-            break
-    if best_state is not None:
-        seg.restore(best_state)
-    return {"history": history, "best_miou": best_miou, "best_epoch": best_epoch}
+            return float(-(target * logp).sum() / target.sum().clamp_min(1e-12))

@@ -9,10 +9,13 @@ predicted has IoU 0, and a class predicted but absent from the ground truth also
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ralis_gym.data.base import SegmentationSplit
 
 
 def confusion_matrix(
@@ -94,3 +97,49 @@ class SegmentationMetrics:
 
     def __add__(self, other: SegmentationMetrics) -> SegmentationMetrics:
         return SegmentationMetrics(self.confusion + other.confusion)
+
+
+# Per-cell ground-truth histograms, shared by every segmenter (keyed by stride and split).
+_TARGETS: dict[tuple[int, int, int, str, str], torch.Tensor] = {}
+_TARGETS_LOCK = threading.Lock()
+
+
+def cell_histograms(split: SegmentationSplit, stride: int, chunk: int = 16) -> torch.Tensor:
+    """Ground-truth pixels per class of every cell: int16 ``[N, rows * cols, C]`` (ignore excluded).
+
+    The targets of a model whose output is a grid of ``stride x stride``-pixel cells: its masked
+    cross-entropy and its full-resolution confusion matrix are exact sums over these. Cached in
+    memory per ``(stride, classes, split.key, label fingerprint)``; one ``bincount`` per chunk of images.
+    """
+    from ralis_gym.segmentation.encoder import content_fingerprint
+
+    info = split.info
+    key = (stride, info.num_classes, info.ignore_index, split.key, content_fingerprint(split.labels))
+    with _TARGETS_LOCK:
+        hit = _TARGETS.get(key)
+    if hit is not None:
+        return hit
+    width, height = info.image_size
+    rows, cols, c = height // stride, width // stride, info.num_classes
+    if stride * rows != height or stride * cols != width:
+        raise ValueError(f"stride {stride} does not divide the image size {width}x{height}")
+    if stride * stride > np.iinfo(np.int16).max:
+        raise ValueError(f"stride {stride} is too large for int16 cell histograms")
+    out = torch.empty((len(split), rows * cols, c), dtype=torch.int16)
+    lut = np.full(256, c, dtype=np.int64)  # every non-class id (the ignore id) goes to a dropped bin
+    lut[:c] = np.arange(c)
+    for start in range(0, len(split), chunk):
+        lab = np.asarray(split.labels[start : start + chunk])
+        n = lab.shape[0]
+        bins = (
+            lut[lab]
+            .reshape(n, rows, stride, cols, stride)
+            .transpose(0, 1, 3, 2, 4)
+            .reshape(n * rows * cols, -1)
+        )
+        flat = bins + (np.arange(n * rows * cols) * (c + 1))[:, None]
+        counts = np.bincount(flat.ravel(), minlength=n * rows * cols * (c + 1)).reshape(n, rows * cols, c + 1)
+        out[start : start + n] = torch.from_numpy(counts[..., :c].astype(np.int16))
+    with _TARGETS_LOCK:
+        _TARGETS[key] = out
+    return out

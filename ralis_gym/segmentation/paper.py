@@ -272,15 +272,16 @@ class PaperSegmenter(Segmenter):
         self.model.load_state_dict(state)
 
     @torch.no_grad()
-    def _forward_proba(
+    def native_logits(
         self, split: SegmentationSplit, indices: np.ndarray, dropout: bool = False
     ) -> torch.Tensor:
+        """Full-resolution logits (the FPN upsamples bilinearly inside, so ``native_stride`` is 1)."""
         self.model.eval()
         x = normalise_images(np.asarray(split.images[np.asarray(indices, dtype=np.int64)]), self.device)
         gen = self._dropout_generator() if dropout else None
         with self._autocast():
             logits = self.model(x, dropout_generator=gen)
-        return torch.softmax(logits.float(), dim=1)
+        return logits.float()
 
     def fit_regions(
         self,
