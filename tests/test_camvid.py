@@ -106,3 +106,19 @@ def test_decode_cache_hit(camvid: CamVid, camvid_root: Path, cache_dir: Path) ->
     assert again.image_names == first.image_names
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.labels, first.labels)
+
+
+def test_no_start_network_has_seen_a_label_of_the_pool_it_acquires_from(camvid_root):
+    """The start network of each mode, and the labeled images the final training adds, never hold an
+    image of that mode's unlabeled pool (a leak would let a policy 'discover' what the network knew)."""
+    from ralis_gym.data import load_dataset
+    from ralis_gym.envs.region_al import MODE_POOL, MODE_START
+    from ralis_gym.segmentation.pretrain import start_data_roles
+
+    ds = load_dataset("camvid", camvid_root)
+    for mode, pool_role in MODE_POOL.items():
+        pool = set(ds.split(pool_role).image_names)
+        seen = {n for role in start_data_roles(MODE_START[mode]) for n in ds.split(role).image_names}
+        assert seen and not (seen & pool), (mode, sorted(seen & pool)[:3])
+    assert start_data_roles("source+dt") == ("d_s", "d_t")  # the reference's test start: never saw D_V
+    assert not set(ds.split("d_v").image_names) & {n for r in ("d_s", "d_t") for n in ds.split(r).image_names}
