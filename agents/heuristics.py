@@ -82,7 +82,7 @@ class ClassBalanceAgent(HeuristicAgent):
 
 class OracleAgent(HeuristicAgent):
     """Ground-truth upper reference, not a heuristic: picks the candidate on which the network's
-    current class-weighted loss against the true labels is largest (``RegionALEnv._loss_maps``).
+    current class-weighted loss against the true labels is largest (``Segmenter.loss_maps``).
     It reads labels no real annotation team has, so it bounds what any policy can gain."""
 
     heuristic = "oracle"

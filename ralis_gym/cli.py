@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from ralis_gym.envs.region_al import METHODS, run_agent
 from ralis_gym.errors import ConfigError, RalisGymError
+from ralis_gym.methods import METHODS
 
 MAIN_JOB_HELP = """\
 The main job, end to end on CamVid: find the data (download it if absent), pretrain the start
@@ -98,15 +98,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import ralis_gym  # noqa: F401  (registers the environments)
     from agents.heuristics import make_heuristic_agent
+    from ralis_gym.envs.region_al import run_agent
 
     if args.budget <= 0 or args.num_pools <= 0 or args.pool_size <= 0:
         raise ConfigError("--budget, --num-pools and --pool-size must be positive")
-    ds = _open_dataset(args, download=not args.no_download)
+    _open_dataset(args, download=not args.no_download)  # clear errors (or the download) before the env
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env_id = "RegionAL-CamVid-Fast-v0" if args.model == "fast" else "RegionAL-CamVid-v0"
     kwargs = {
-        "mode": "test", "dataset": args.dataset, "data_root": str(ds.root.parent), "device": args.device,
+        "mode": "test", "dataset": args.dataset, "data_root": args.data_root, "device": args.device,
         "budget": args.budget, "num_pools": args.num_pools, "regions_per_pool": args.pool_size,
         "progress": True, "pretrain": {"max_epochs": None, "patience": None, "seed": args.seed},
     }  # fmt: skip
@@ -148,12 +149,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _plot_run(results: dict, path: Path, dataset: str, start: dict) -> None:
+    """Left: D_R mIoU after every acquisition step; right: test mIoU of the start network and after
+    each strategy's final training (what the labels bought)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
     for strategy, r in results.items():
         ax.plot(
             [s["labeled"] for s in r["steps"]],
@@ -164,12 +167,25 @@ def _plot_run(results: dict, path: Path, dataset: str, start: dict) -> None:
     ax.set_xlabel("labeled regions")
     ax.set_ylabel("D_R mIoU (%)")
     ax.set_title(
-        f"{dataset}: reward-set mIoU after each step (start: {start.get('name')}, "
-        f"pool D_V)\n(oracle reads the ground truth: an upper reference)",
-        fontsize=9,
+        f"{dataset}: reward-set mIoU after each step\n(start: {start.get('name')}, pool D_V)", fontsize=9
     )
     ax.grid(alpha=0.3)
     ax.legend()
+    names, test = list(results), [100 * r["final"]["test_miou"] for r in results.values()]
+    colors = [f"C{i}" for i in range(len(results))]
+    if "test_miou" in start:  # a named start network carries its test mIoU (a scratch one does not)
+        names, test, colors = ["start", *names], [100 * start["test_miou"], *test], ["0.6", *colors]
+    bars = bx.bar(names, test, color=colors)
+    bx.bar_label(bars, fmt="%.1f", fontsize=8)
+    budget = max(r["final"]["labeled"] for r in results.values())
+    bx.set_ylabel("test mIoU (%)")
+    bx.set_title(
+        f"test mIoU: start network vs after the final\ntraining on {budget} regions (oracle reads labels)",
+        fontsize=9,
+    )
+    bx.set_ylim(max(0.0, min(test) - 5), max(test) + 3)
+    bx.tick_params(axis="x", labelrotation=20)
+    bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

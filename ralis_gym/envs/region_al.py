@@ -12,7 +12,6 @@ import cv2
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gymnasium import spaces
 
 from ralis_gym.config import load_yaml, merge_config
@@ -24,9 +23,10 @@ from ralis_gym.features import (
     region_tables_from_maps,
     region_vector_dim,
 )
+from ralis_gym.methods import METHODS
 from ralis_gym.regions import CandidatePools, RegionGrid, RegionPool
 from ralis_gym.segmentation import build_segmenter
-from ralis_gym.segmentation.metrics import SegmentationMetrics, cell_histograms
+from ralis_gym.segmentation.metrics import SegmentationMetrics
 from ralis_gym.segmentation.pretrain import (
     FINAL_TRAINING_DEFAULTS,
     START_NETWORKS,
@@ -59,13 +59,6 @@ DATASET_PROTOCOL: dict[str, dict[str, Any]] = {
 MODE_POOL = {"train": "d_t", "test": "d_v"}
 MODE_START = {"train": "source", "test": "source"}
 KL_FEATURES = 64
-#: Heuristics that ``RegionALEnv.score_candidates`` computes (spec §7 plus margin and class balance).
-HEURISTICS = ("random", "entropy", "margin", "bald", "class_balance")
-#: Ground-truth references: they read the labels of the candidates, so they bound what a policy can
-#: gain; never a heuristic a user could run on unlabeled data.
-ORACLES = ("oracle",)
-#: Every name ``score_candidates`` accepts (and ``ralis-gym run --strategies`` offers).
-METHODS = HEURISTICS + ORACLES
 
 
 class RegionALEnv(gym.Env):
@@ -103,7 +96,7 @@ class RegionALEnv(gym.Env):
     of an episode is 100 x the absolute mIoU after step 1.
 
     ## Starting State
-    ``reset`` restores the start network (``source`` in train mode, ``source+dt`` in test mode;
+    ``reset`` restores the start network (``source`` in both modes, see ``MODE_START``;
     pretrained and cached on first use, see the README), empties the labeled set, measures D_R mIoU
     (``info["miou"]``) and draws the first pools. All randomness derives from ``reset(seed=...)``.
 
@@ -122,6 +115,9 @@ class RegionALEnv(gym.Env):
 
     ## Version History
     - v0: initial version.
+    - v0, 2026-12-01 (behaviour changed, id kept): test mode starts from ``source`` and the final
+      training adds the start network's labeled images (``final_training.include_start_data``);
+      the fast model's default head is the v2 conv head; method ``oracle``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
@@ -198,11 +194,11 @@ class RegionALEnv(gym.Env):
             self.grid, len(self.pool_split), self.info_.num_classes, self.info_.ignore_index
         )
 
+        self.start_name = str(cfg["start_network"] or MODE_START[cfg["mode"]])
         self.segmenter, self.start_meta = self._load_start_network()
-        start_name = cfg["start_network"] or MODE_START[cfg["mode"]]
         self.start_data: SegmentationSplit | None = None
-        if cfg["final_training"].get("include_start_data") and start_name in START_NETWORKS:
-            self.start_data = union_split(self.dataset, start_data_roles(start_name))
+        if cfg["final_training"].get("include_start_data") and self.start_name in START_NETWORKS:
+            self.start_data = union_split(self.dataset, start_data_roles(self.start_name))
         self.segmenter.reset_optimizer()  # every episode starts with a fresh optimiser and schedule
         self._start = self.segmenter.snapshot()
         self.device = self.segmenter.device
@@ -250,8 +246,7 @@ class RegionALEnv(gym.Env):
         return split
 
     def _load_start_network(self):
-        cfg = self.config
-        name = cfg["start_network"] or MODE_START[cfg["mode"]]
+        cfg, name = self.config, self.start_name
         seed = int(cfg["pretrain"]["seed"])
         if name == "scratch":
             seg = build_segmenter(
@@ -420,7 +415,11 @@ class RegionALEnv(gym.Env):
     ) -> dict[str, Any]:
         """Final protocol of spec §3.4: train on every acquired region until D_R mIoU stops improving.
 
-        Keeps the best-D_R weights, then evaluates them on ``split`` (default the test split). With
+        The training set is the acquired regions plus, with ``final_training.include_start_data``,
+        the labeled images the start network was trained on; it starts from a fresh optimiser and
+        schedule and follows ``train_until_plateau`` (the pretraining rule: one decay step per epoch,
+        defaults ``FINAL_TRAINING_DEFAULTS``). Keeps the best-D_R weights, then evaluates them on
+        ``split`` (default the test split). With
         ``restore=True`` the segmenter is put back as it was afterwards, so active learning can go on
         from the same point (the benchmarks branch the final training at several budgets this way).
         Returns ``test_miou``, ``per_class_iou``, ``confusion``, ``pixel_accuracy``, ``d_r_miou``,
@@ -472,7 +471,7 @@ class RegionALEnv(gym.Env):
         (expected rarity of the predicted class, frequencies from the labeled pixels so far plus the
         candidates' predicted pixels). ``random`` gives uniform noise from the env's generator.
         ``oracle`` is no heuristic: it reads the candidates' ground truth and scores a region by the
-        network's current class-weighted loss on it (``_loss_maps``), an upper reference for what
+        network's current class-weighted loss on it (``Segmenter.loss_maps``), an upper reference for what
         choosing well can gain.
         Scoring does not change the environment's state (it draws MC-dropout masks from the
         segmenter's own generator, so it does shift later training randomness deterministically).
@@ -499,7 +498,7 @@ class RegionALEnv(gym.Env):
             if heuristic == "bald":
                 maps = pixel_bald(seg.native_proba(self.pool_split, chunk, passes=mc_passes))
             elif heuristic == "oracle":
-                maps = self._loss_maps(chunk)
+                maps = seg.loss_maps(self.pool_split, chunk)
             else:
                 probs = seg.native_proba(self.pool_split, chunk)
                 if heuristic == "entropy":
@@ -522,26 +521,6 @@ class RegionALEnv(gym.Env):
         idx = [torch.as_tensor(a, device=means.device) for a in (slot, row, col)]
         scores[mask] = means[idx[0], idx[1], idx[2]].cpu().numpy()
         return scores
-
-    @torch.no_grad()
-    def _loss_maps(self, images: np.ndarray) -> torch.Tensor:
-        """The oracle's map: the network's class-weighted cross-entropy against the true labels of
-        the pool images, per native cell ``[B, h, w]`` (summed over the cell's labeled pixels and
-        divided by the cell's area, so void pixels count zero), i.e. the training loss each region
-        would add if it were labeled now."""
-        seg = self.segmenter
-        logp = torch.log_softmax(seg.native_logits(self.pool_split, images), dim=1)  # [B, C, h, w]
-        weights = getattr(getattr(seg, "head", None), "class_weights", None)
-        if seg.native_stride > 1:
-            hist = cell_histograms(self.pool_split, seg.native_stride)[torch.from_numpy(images)]
-            hist = hist.to(logp.device, torch.float32).transpose(1, 2).reshape(logp.shape)  # [B, C, h, w]
-            if weights is not None:
-                hist = hist * weights.to(logp.device).view(1, -1, 1, 1)
-            return -(hist * logp).sum(1) / float(seg.native_stride**2)
-        target = torch.from_numpy(np.asarray(self.pool_split.labels[images])).to(logp.device).long()
-        return F.nll_loss(
-            logp, target, weight=weights, ignore_index=self.info_.ignore_index, reduction="none"
-        )
 
     def render(self) -> np.ndarray | None:
         """``rgb_array``: mosaic of pool images, prediction blended in, labeled regions outlined in

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ralis_gym.data.base import DatasetInfo, SegmentationSplit
 from ralis_gym.regions.grid import RegionGrid
@@ -208,6 +209,30 @@ class Segmenter(ABC):
             preds.append(self.upsample(p.argmax(1)))
             ents.append(self.upsample(entropy_map(p)))
         return torch.cat(preds), torch.cat(ents)
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """Per-class loss weights of the training loss (None: unweighted)."""
+        return None
+
+    @torch.no_grad()
+    def loss_maps(self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The training loss against the true labels per native cell, ``[B, h, w]``: class-weighted
+        cross-entropy summed over the cell's pixels and divided by its area (void pixels count 0),
+        so the mean over a region is its mean per-pixel loss at full resolution (the ``oracle``)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        logp = torch.log_softmax(self.native_logits(split, idx), dim=1)  # [B, C, h, w]
+        weights = self.class_weights
+        if self.native_stride == 1:
+            target = torch.from_numpy(np.asarray(split.labels[idx])).to(logp.device).long()
+            return F.nll_loss(
+                logp, target, weight=weights, ignore_index=self.info.ignore_index, reduction="none"
+            )
+        hist = cell_histograms(split, self.native_stride)[torch.from_numpy(idx)]  # [B, cells, C]
+        hist = hist.to(logp.device, torch.float32).transpose(1, 2).reshape(logp.shape)
+        if weights is not None:
+            hist = hist * weights.to(logp.device).view(1, -1, 1, 1)
+        return -(hist * logp).sum(1) / float(self.native_stride**2)
 
     @torch.no_grad()
     def evaluate(

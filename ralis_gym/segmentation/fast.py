@@ -443,6 +443,10 @@ class FastSegmenter(Segmenter):
             )
 
     @property
+    def class_weights(self) -> torch.Tensor:
+        return self.head.class_weights
+
+    @property
     def is_initialised(self) -> bool:
         return bool(self.head.initialised)
 
