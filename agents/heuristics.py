@@ -91,8 +91,20 @@ class OracleAgent(HeuristicAgent):
 HEURISTIC_AGENTS: dict[str, type[HeuristicAgent]] = {
     cls.heuristic: cls for cls in (RandomAgent, EntropyAgent, MarginAgent, BALDAgent, ClassBalanceAgent)
 }
+
+
 #: every baseline agent by method name: the heuristics and the ground-truth oracle
-BASELINE_AGENTS: dict[str, type[HeuristicAgent]] = {**HEURISTIC_AGENTS, OracleAgent.heuristic: OracleAgent}
+class RarityOracleAgent(HeuristicAgent):
+    """Ground-truth upper reference: picks the candidate whose true pixels are rarest among the
+    labels so far (the class-balance heuristic given the ground truth)."""
+
+    heuristic = "oracle_rarity"
+
+
+ORACLE_AGENTS: dict[str, type[HeuristicAgent]] = {
+    cls.heuristic: cls for cls in (OracleAgent, RarityOracleAgent)
+}
+BASELINE_AGENTS: dict[str, type[HeuristicAgent]] = {**HEURISTIC_AGENTS, **ORACLE_AGENTS}
 
 
 def make_heuristic_agent(

@@ -198,6 +198,14 @@ def run_method_seed(
 
 
 # --- report ------------------------------------------------------------------------------------
+def welch_t(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Difference of means ``mean(a) - mean(b)`` and Welch's t statistic (unequal variances)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    diff = float(a.mean() - b.mean())
+    se = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+    return diff, diff / se if se > 0 else float("inf") * np.sign(diff)
+
+
 def report(path: Path, class_names: list[str], pool_pixels: np.ndarray | None) -> str:
     """Tables (CSV + Markdown) and plots from the results file; returns the Markdown."""
     rows = read_rows(path)
@@ -227,6 +235,26 @@ def report(path: Path, class_names: list[str], pool_pixels: np.ndarray | None) -
         writer = csv.DictWriter(f, fieldnames=["method", "budget", "mean", "std", "n"])
         writer.writeheader()
         writer.writerows(table)
+
+    # Each method against random: difference of means and Welch's t (unequal variances), per budget.
+    if "random" in methods:
+        lines += ["", "### Difference to random (points of test mIoU), Welch t in brackets", ""]
+        lines += [
+            "| method | " + " | ".join(str(b) for b in budgets) + " |",
+            "|---" * (len(budgets) + 1) + "|",
+        ]
+        for m in methods:
+            if m == "random":
+                continue
+            out = []
+            for b in budgets:
+                a, r = 100 * cells(m, b), 100 * cells("random", b)
+                if a.size > 1 and r.size > 1:
+                    diff, t = welch_t(a, r)
+                    out.append(f"{diff:+.2f} (t={t:+.2f})")
+                else:
+                    out.append("")
+            lines.append(f"| {m} | " + " | ".join(out) + " |")
 
     # Labeled-data saving: budget at which a RALIS policy's mean curve reaches the best baseline's
     # final mIoU (every method named ralis* is a policy, e.g. ralis-nodecay).

@@ -168,6 +168,54 @@ def test_bad_config_key_and_values_raise_clear_errors(camvid_root):
         RegionALEnv(data_root=str(camvid_root), model="fast", **{**TINY, "budget": 10_000})
 
 
+def test_al_step_training_sets_follow_train_regions(camvid_root):
+    """``last`` trains on the K new regions, ``all`` on every labeled one, ``replay`` on the new ones
+    plus ``replay_regions`` distinct earlier labeled regions (a seeded draw)."""
+    env = RegionALEnv(data_root=str(camvid_root), model="fast", **{**TINY, "budget": 12, "replay_regions": 2})
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        obs = env._observe()
+        env.step(np.array([rng.choice(np.flatnonzero(m)) for m in obs["action_mask"] > 0]))
+    order = env.pool.order
+    chosen = order[-3:]
+    anchors = env._training_anchors(chosen)
+    assert anchors.size == 5 and np.array_equal(anchors[:3], chosen)
+    assert np.unique(anchors).size == 5 and np.isin(anchors[3:], order[:-3]).all()
+    env.config["train_regions"] = "all"
+    assert np.array_equal(env._training_anchors(chosen), order)
+    env.config["train_regions"] = "last"
+    assert np.array_equal(env._training_anchors(chosen), chosen)
+    env.close()
+    with pytest.raises(ConfigError, match="train_regions"):
+        RegionALEnv(data_root=str(camvid_root), model="fast", **{**TINY, "train_regions": "newest"})
+
+
+def test_final_training_on_fully_labeled_images_is_the_pretraining_recipe(camvid_root):
+    """The final-training path (every region of N images acquired, ``evaluate``) and the pretraining
+    recipe (``fit_images`` under ``train_until_plateau``) on the same N images, from the same scratch
+    network and with the same epochs and patience, are the same computation: equal mIoU to the bit.
+    So whether the final training converges is only its stopping rule
+    (``benchmarks/final_training_convergence.py`` measures that on 100 images)."""
+    from ralis_gym.segmentation import build_segmenter
+    from ralis_gym.segmentation.pretrain import train_until_plateau
+
+    cfg = {**TINY, "budget": 48, "final_training": {"include_start_data": False}}
+    env = RegionALEnv(data_root=str(camvid_root), model="fast", mode="train", **cfg)
+    env.reset(seed=0)
+    seg = build_segmenter("fast", env.info_, device="cpu", seed=0)
+    seg.generator.set_state(env.segmenter.generator.get_state())  # same minibatch and dropout draws
+    env.pool.label(np.arange(env.pool.num_regions), env.pool_split.labels)
+    result = env.evaluate(max_epochs=4, patience=4)
+    test_split = env._role_split("test", TINY["subset"]["test"])
+    recipe = train_until_plateau(
+        seg, lambda: seg.fit_images(env.pool_split), env.reward_split, 4, 4, progress=False
+    )
+    assert result["epochs"] == recipe["epochs"] and result["d_r_miou"] == recipe["best_miou"]
+    assert result["test_miou"] == seg.evaluate(test_split).miou
+    env.close()
+
+
 def test_evaluate_runs_the_final_protocol_and_can_restore(fast_env):
     env = fast_env
     _run_episode(env, seed=0, policy_seed=0)

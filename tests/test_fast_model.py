@@ -215,6 +215,32 @@ def test_feature_cache_hit_returns_identical_features(camvid):
     assert first.dtype == torch.float16 and first.shape == (len(small), seg.cells, seg.encoder.dim)
 
 
+def test_float32_feature_copy_is_cached_and_changes_no_result(camvid, monkeypatch):
+    """The float32 copy of a split's features is made once and reused; without it (budget 0) every
+    forward converts the float16 features itself and gives the same logits and training to the bit."""
+    from ralis_gym.segmentation import fast
+
+    ds, small = camvid
+    idx = np.arange(len(small))
+    base = split_features(_seg(ds).encoder, small)
+    assert fast.float32_features(base) is fast.float32_features(base)  # cached
+    assert fast.float32_features(base).dtype == torch.float32
+
+    def run() -> tuple[torch.Tensor, dict]:
+        seg = _seg(ds)
+        anchors, labeled = _some_labeled(seg, 3)
+        seg.fit_regions(small, anchors, labeled, epochs=2)
+        return seg.native_logits(small, idx), _weights(seg)
+
+    cached_logits, cached_w = run()
+    monkeypatch.setattr(fast, "FLOAT32_CACHE_BYTES", 0)
+    monkeypatch.setattr(fast, "_FLOAT32", {})
+    assert fast.float32_features(base) is base  # over budget: no copy
+    plain_logits, plain_w = run()
+    assert torch.equal(cached_logits, plain_logits)
+    assert all(torch.equal(cached_w[k], plain_w[k]) for k in cached_w)
+
+
 def test_encoder_is_flip_equivariant(camvid):
     _, small = camvid
     enc = CellEncoder()

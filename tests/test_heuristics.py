@@ -85,7 +85,7 @@ def test_random_agent_respects_masks_and_seed():
         make_heuristic_agent("coreset")
 
 
-@pytest.mark.parametrize("name", ["entropy", "margin", "class_balance", "bald", "oracle"])
+@pytest.mark.parametrize("name", ["entropy", "margin", "class_balance", "bald", "oracle", "oracle_rarity"])
 def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
     """``score_candidates`` works on the model's cell grid in chunks; it must give the region means
     of the full-resolution per-pixel maps (BALD: the same dropout masks, drawn in the same order)."""
@@ -118,6 +118,15 @@ def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
             torch.log(probs), labels, weight=seg.head.class_weights, ignore_index=base.info_.ignore_index,
             reduction="none",
         )  # fmt: skip
+    elif name == "oracle_rarity":  # -log(frequency) of each pixel's true class, void pixels 0
+        labels = torch.from_numpy(np.asarray(base.pool_split.labels[images])).long()
+        freq = torch.as_tensor(base.pool.class_pixels[:-1]).double()
+        rh, rw = grid.region_size[1], grid.region_size[0]
+        for s, r, c in zip(slot, row, col):
+            region = labels[s, r * rh : (r + 1) * rh, c * rw : (c + 1) * rw]
+            freq += torch.bincount(region.reshape(-1), minlength=12)[:11].double()
+        rarity = torch.cat([-torch.log(freq / freq.sum() + 1e-6), torch.zeros(1, dtype=torch.float64)])
+        maps = rarity[labels.clamp(max=11)]
     else:
         probs = seg.predict_proba(base.pool_split, images)
         if name == "entropy":

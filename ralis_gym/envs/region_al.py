@@ -57,6 +57,7 @@ DATASET_PROTOCOL: dict[str, dict[str, Any]] = {
 #: the policy sees at test time the ones it was trained on. ``start_network="source+dt"`` (with
 #: ``final_training.include_start_data=False``) is the reference protocol.
 MODE_POOL = {"train": "d_t", "test": "d_v"}
+TRAIN_REGIONS = ("last", "all", "replay")
 MODE_START = {"train": "source", "test": "source"}
 KL_FEATURES = 64
 
@@ -68,8 +69,9 @@ class RegionALEnv(gym.Env):
     An agent decides which image regions a person should label next. Each step it sees ``K`` pools
     of ``N`` unlabeled candidate regions (fixed-size rectangles of the images of an unlabeled pool)
     and picks one region per pool. The chosen regions are labeled with their ground truth, a real
-    segmentation network is trained one epoch on them (loss masked to labeled pixels), and the
-    network is evaluated on a reward set D_R. One class serves every dataset, model and protocol
+    segmentation network is trained one epoch on them (loss masked to labeled pixels; by default
+    with 24 earlier labeled regions replayed and one pass over the start network's labeled images,
+    see ``train_regions``), and the network is evaluated on a reward set D_R. One class serves every dataset, model and protocol
     through its configuration (``default_config()`` <- YAML <- keyword arguments).
 
     ## Action Space
@@ -111,13 +113,20 @@ class RegionALEnv(gym.Env):
     a YAML path. Main keys: ``dataset``, ``data_root``, ``model`` (``"fast"`` / ``"paper"``),
     ``device``, ``mode`` (``"train"``: pool D_T, N = 20; ``"test"``: pool D_V, N = 10), ``budget``,
     ``num_pools`` (K), ``regions_per_pool`` (N), ``start_network``, ``first_reward``,
-    ``final_training`` (for :meth:`evaluate`), ``subset`` (image limits per role for tiny configs).
+    ``train_regions`` / ``replay_regions`` / ``step_start_data`` (what an AL step trains on: the
+    reference's ``"last"`` K new regions, ``"all"`` labeled regions, or the default ``"replay"``: the
+    new ones plus ``replay_regions`` earlier ones drawn at random; ``step_start_data`` adds a pass
+    over the start network's labeled images), ``final_training`` (for :meth:`evaluate`), ``subset``
+    (image limits per role for tiny configs).
 
     ## Version History
     - v0: initial version.
     - v0, 2026-12-01 (behaviour changed, id kept): test mode starts from ``source`` and the final
       training adds the start network's labeled images (``final_training.include_start_data``);
       the fast model's default head is the v2 conv head; method ``oracle``.
+    - v0, 2026-12-01 (later, id kept): AL steps replay 24 earlier labeled regions and pass over the
+      start data (``train_regions="replay"``, ``step_start_data=True``): with the reference's K newest
+      regions D_R mIoU fell over a random episode (BENCHMARKS.md, "AL-step training").
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
@@ -140,7 +149,13 @@ class RegionALEnv(gym.Env):
             "reward_scale": 100.0,
             "first_reward": "difference",  # or "absolute" (reference quirk)
             "epochs_per_step": 1,
-            "train_regions": "last",  # "last": the K new regions (reference); "all": every labeled region
+            # AL-step training set: "last": the K new regions (reference); "all": every labeled region;
+            # "replay": the K new regions plus ``replay_regions`` earlier labeled ones drawn at random.
+            "train_regions": "replay",
+            "replay_regions": 24,
+            # Each AL step also trains one pass over the start network's labeled images (D_S for
+            # ``source``), so the network does not forget them while it learns the new regions.
+            "step_start_data": True,
             "lr_decay_steps_per_step": 2,
             # Final training (``evaluate``): until D_R mIoU has not improved for ``patience`` epochs, on the
             # acquired regions plus, with ``include_start_data``, the labeled images the start network
@@ -167,8 +182,10 @@ class RegionALEnv(gym.Env):
         self.render_mode = render_mode
         if cfg["mode"] not in MODE_POOL:
             raise ConfigError(f"mode must be 'train' or 'test', got {cfg['mode']!r}")
-        if cfg["train_regions"] not in ("last", "all"):
-            raise ConfigError(f"train_regions must be 'last' or 'all', got {cfg['train_regions']!r}")
+        if cfg["train_regions"] not in TRAIN_REGIONS:
+            raise ConfigError(f"train_regions must be one of {TRAIN_REGIONS}, got {cfg['train_regions']!r}")
+        if int(cfg["replay_regions"]) < 0:
+            raise ConfigError(f"replay_regions must be >= 0, got {cfg['replay_regions']}")
         if cfg["first_reward"] not in ("difference", "absolute"):
             raise ConfigError(f"first_reward must be 'difference' or 'absolute', got {cfg['first_reward']!r}")
 
@@ -197,7 +214,7 @@ class RegionALEnv(gym.Env):
         self.start_name = str(cfg["start_network"] or MODE_START[cfg["mode"]])
         self.segmenter, self.start_meta = self._load_start_network()
         self.start_data: SegmentationSplit | None = None
-        if cfg["final_training"].get("include_start_data") and self.start_name in START_NETWORKS:
+        if self.start_name in START_NETWORKS:
             self.start_data = union_split(self.dataset, start_data_roles(self.start_name))
         self.segmenter.reset_optimizer()  # every episode starts with a fresh optimiser and schedule
         self._start = self.segmenter.snapshot()
@@ -296,9 +313,11 @@ class RegionALEnv(gym.Env):
         self._selected = tuple((self.pool_split.image_names[b[0]], int(b[1]), int(b[2])) for b in boxes)
         self._last_ids = chosen
         t1 = time.perf_counter()
-        anchors = chosen if self.config["train_regions"] == "last" else self.pool.order
+        anchors = self._training_anchors(chosen)
         for _ in range(self.config["epochs_per_step"]):
             self.segmenter.fit_regions(self.pool_split, anchors, self.pool.labeled)
+            if self.config["step_start_data"] and self.start_data is not None:
+                self.segmenter.fit_images(self.start_data)
         for _ in range(self.config["lr_decay_steps_per_step"]):
             self.segmenter.step_lr()
         t2 = time.perf_counter()
@@ -328,6 +347,20 @@ class RegionALEnv(gym.Env):
         return self._pools.mask.reshape(-1).copy()
 
     # --- internals ---------------------------------------------------------------------------
+    def _training_anchors(self, chosen: np.ndarray) -> np.ndarray:
+        """The regions whose images the AL step trains on (see ``train_regions``)."""
+        how = self.config["train_regions"]
+        if how == "last":
+            return chosen
+        order = self.pool.order
+        if how == "all":
+            return order
+        earlier = order[: order.size - chosen.size]
+        r = min(int(self.config["replay_regions"]), earlier.size)
+        if r == 0:
+            return chosen
+        return np.concatenate([chosen, self.np_random.choice(earlier, size=r, replace=False)])
+
     def _chosen_regions(self, action) -> np.ndarray:
         act = np.asarray(action)
         if act.shape != (self.num_pools,) or not np.issubdtype(act.dtype, np.integer):
@@ -434,7 +467,8 @@ class RegionALEnv(gym.Env):
             raise RuntimeError("nothing is labeled yet: step the environment before evaluate()")
         before = self.segmenter.snapshot() if restore else None
         ids = self.pool.order.copy()
-        seg, extra = self.segmenter, self.start_data
+        seg = self.segmenter
+        extra = self.start_data if ft.get("include_start_data") else None
 
         def epoch() -> float:
             loss = seg.fit_regions(self.pool_split, ids, self.pool.labeled)
@@ -472,7 +506,8 @@ class RegionALEnv(gym.Env):
         candidates' predicted pixels). ``random`` gives uniform noise from the env's generator.
         ``oracle`` is no heuristic: it reads the candidates' ground truth and scores a region by the
         network's current class-weighted loss on it (``Segmenter.loss_maps``), an upper reference for what
-        choosing well can gain.
+        choosing well can gain; ``oracle_rarity`` scores the true pixels' rarity ``-log pi_c`` (void 0),
+        ``pi`` from the labeled pixels plus the candidates' true pixels (class_balance given the truth).
         Scoring does not change the environment's state (it draws MC-dropout masks from the
         segmenter's own generator, so it does shift later training randomness deterministically).
         """
@@ -486,6 +521,18 @@ class RegionALEnv(gym.Env):
             return scores
         if heuristic == "random":
             scores[mask] = self.np_random.random(int(mask.sum()))
+            return scores
+        if heuristic == "oracle_rarity":
+            # Ground-truth class rarity: sum_c n_c(region) * -log(pi_c), pi from the labeled pixels
+            # so far plus the candidates' own true pixels (the class_balance heuristic with the truth).
+            ids = self._pools.region_ids[mask]
+            hist = torch.from_numpy(
+                self.pool.region_class_histograms(ids, self.pool_split.labels)[:, :-1]
+            ).double()
+            freq = torch.as_tensor(self.pool.class_pixels[:-1], dtype=torch.float64) + hist.sum(0)
+            pi = freq / freq.sum().clamp_min(1.0)
+            area = self.grid.region_size[0] * self.grid.region_size[1]
+            scores[mask] = (hist @ -torch.log(pi + 1e-6)).numpy() / area  # mean over the region's pixels
             return scores
         image, row, col = self.grid.split_ids(self._pools.region_ids[mask])
         images, slot = np.unique(image, return_inverse=True)

@@ -2,36 +2,29 @@
 
 Why: the paper's FPN-ResNet-50 needs GPU-days for one RALIS experiment. Here the expensive part is
 a fixed encoder (``ralis_gym.segmentation.encoder``) run once per image and cached, and only a
-per-cell MLP is trained, so a whole active-learning run (hundreds of fine-tuning steps, each followed
+small head is trained, so a whole active-learning run (hundreds of fine-tuning steps, each followed
 by a full evaluation of the reward set) takes minutes on a 2-core CPU.
 
-Model. The image is cut into ``stride x stride`` cells (the stride divides the region size, so every
-cell belongs to one region). Each cell's cached feature vector (appearance + multi-scale context) is
-standardised, mapped with ``Linear -> ReLU`` (plus a learned embedding of the cell position) ->
-``Linear -> ReLU`` -> [MC dropout] -> ``Linear`` to class logits. Full-resolution probabilities are
-the cell probabilities upsampled by nearest neighbour, which makes training and evaluation exact and
-cheap:
+Model (v2, ``GridHead``). The image is cut into ``stride x stride`` cells (the stride divides the
+region size, so every cell belongs to one region). Each cell's cached feature vector (appearance +
+multi-scale context, float16) goes through an input layer with the standardisation folded in, plus
+a learned embedding of the cell position, then residual context blocks over the cell grid (3x3,
+dilations 1/2/4, depthwise-separable, BatchNorm), [MC dropout] and a 1x1 classifier. The v1 per-cell
+MLP is the same class with ``MLP_HEAD`` settings. Full-resolution probabilities are the cell
+probabilities upsampled by nearest neighbour, which makes training and evaluation exact and cheap:
 
 * loss: per-pixel cross-entropy with ignore, over labeled pixels only, equals
   ``sum_cells hist_cell . (-log p_cell)`` where ``hist_cell`` is the per-class count of labeled
-  ground-truth pixels of the cell (cached per split); optional class weights multiply ``hist``;
+  ground-truth pixels of the cell (cached per split); class weights multiply ``hist``;
 * evaluation: the full-resolution confusion matrix is ``sum_cells hist_cell (x) onehot(argmax p_cell)``
   (a scatter-add), identical to ``Segmenter.evaluate`` on the upsampled prediction.
 
-Training follows the paper's optimiser (SGD, momentum 0.95, weight decay 1e-4, grad-norm clip 4,
-ExponentialLR(0.998) stepped by the caller). A training sample is the anchor region's cells (the
-context the head needs is already inside the cached features); cells of unlabeled regions carry no
-loss. Two learning rates, both measured on CamVid:
-
-* ``lr`` (default 3e-4) drives ``fit_regions``, i.e. the AL steps (one SGD step on the 24 newest
-  regions) and the final training on the acquired regions. Random-acquisition runs on D_T from a
-  D_S-trained head (``benchmarks/fast_model_accuracy.py --al-sim``): with 1e-4 / 3e-4 the D_R mIoU
-  rises smoothly over 20 steps; with the paper's 1e-3 it rises for ~8 steps and then drifts down as
-  the 0.95 momentum accumulates over consecutive steps; with 1e-2 it oscillates by +-5 points, which
-  would drown the reward in optimiser noise.
-* ``pretrain_lr`` (default 1e-2) drives ``fit_images`` (training on fully labeled images: the
-  pretraining of start networks); at 1e-3 or below pretraining needs ten times more epochs. Both
-  rates follow the same ExponentialLR decay.
+Training: the head sees whole images (it needs the context of the grid); the loss of an image covers
+every labeled region of it, unlabeled cells carry none. Adam (lr 1e-3, weight decay 1e-4) with an
+ExponentialLR decay stepped by the caller; ``optimizer="sgd"`` is the reference's SGD with momentum.
+``lr`` drives ``fit_regions`` (AL steps and the final training), ``pretrain_lr`` drives ``fit_images``
+(start networks); both default to 1e-3. Head width, depth, separability and the MLP baseline were
+measured with ``benchmarks/fast_model_accuracy.py`` (README, "Fast model").
 
 Deviations from the paper, on purpose and measured (``benchmarks/fast_model_accuracy.py``):
 * class-weighted cross-entropy by default (``class_weighting="sqrt_median"``: weights
@@ -42,11 +35,16 @@ Deviations from the paper, on purpose and measured (``benchmarks/fast_model_accu
   position of pavement/road is asymmetric (driving side).
 * MC dropout (p=0.5, before the classifier) is applied only when asked (BALD), as in the reference
   ``FPN50_bayesian``; training without dropout is the default (``train_dropout=False``).
+
+Speed: the float16 feature caches are shared by every segmenter of a process; a float32 copy of a
+split's features is kept beside them (up to ``FLOAT32_CACHE_BYTES`` per process), because
+converting the reward set's features on every evaluation cost about as much as the input layer.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,16 +69,26 @@ CLASS_WEIGHTINGS = ("none", "sqrt_median", "median")
 OPTIMIZERS = ("adam", "sgd")
 
 
-def pretrain_schedule() -> dict[str, Any]:
-    """The recipe used to pretrain start networks with the fast model (measured on CamVid).
+#: per-process budget of the float32 feature copies (``float32_features``)
+FLOAT32_CACHE_BYTES = 1 << 30
+_FLOAT32: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
-    ``fit_with_early_stopping(seg, train, val, **pretrain_schedule())`` trains one epoch at a time
-    (``fit_images``: one pass over every region of ``train`` in minibatches of 32 regions, at
-    ``pretrain_lr`` = 1e-2), evaluates ``val`` mIoU after each epoch, decays the learning rate once per
-    epoch (x0.998) and keeps the best epoch. Best epochs seen: D_S (10 images) ~130, D_T (100) ~40-60,
-    all 367 train images ~30-50; patience 30 costs little because an epoch is cheap.
-    """
-    return {"max_epochs": 300, "patience": 30}
+
+def float32_features(feats: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a cached float16 feature tensor, kept while the float16 one lives and the
+    copies fit in ``FLOAT32_CACHE_BYTES``; otherwise ``feats`` itself (converted per batch later).
+    The copy is exact (float16 -> float32), so results do not depend on whether it was cached.
+    Keyed by identity (tensors compare elementwise, so no ``WeakKeyDictionary``)."""
+    key = id(feats)
+    hit = _FLOAT32.get(key)
+    if hit is not None and hit[0]() is feats:
+        return hit[1]
+    used = sum(copy.numel() * 4 for ref, copy in _FLOAT32.values() if ref() is not None)
+    if used + feats.numel() * 4 > FLOAT32_CACHE_BYTES:
+        return feats
+    copy = feats.float()
+    _FLOAT32[key] = (weakref.ref(feats, lambda _, k=key: _FLOAT32.pop(k, None)), copy)
+    return copy
 
 
 def default_stride(region_size: tuple[int, int], min_cells: int = 8) -> int:
@@ -498,7 +506,9 @@ class FastSegmenter(Segmenter):
 
     def _inputs(self, split: SegmentationSplit, idx: np.ndarray) -> torch.Tensor:
         """Float32 features ``[B, cells, D]`` of some images (a contiguous range is sliced, not gathered)."""
-        feats = self.features(split)
+        self._check_split(split)
+        base = split_features(self.encoder, split, disk_cache=self.disk_cache)
+        feats = float32_features(base).view(len(split), self.cells, -1)
         if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
             x = feats[int(idx[0]) : int(idx[0]) + idx.size]
         else:
