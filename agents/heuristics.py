@@ -80,37 +80,46 @@ class ClassBalanceAgent(HeuristicAgent):
     heuristic = "class_balance"
 
 
-class OracleAgent(HeuristicAgent):
-    """Ground-truth upper reference, not a heuristic: picks the candidate on which the network's
-    current class-weighted loss against the true labels is largest (``Segmenter.loss_maps``).
-    It reads labels no real annotation team has, so it bounds what any policy can gain."""
-
-    heuristic = "oracle"
-
-
 HEURISTIC_AGENTS: dict[str, type[HeuristicAgent]] = {
     cls.heuristic: cls for cls in (RandomAgent, EntropyAgent, MarginAgent, BALDAgent, ClassBalanceAgent)
 }
 
 
-#: every baseline agent by method name: the heuristics and the ground-truth oracle
+class OracleAgent(HeuristicAgent):
+    """Ground-truth upper reference, not a heuristic: picks the candidate whose labeling decreases
+    the reward set's loss most to first order, i.e. whose loss gradient (classifier layer, true
+    labels) is most aligned with the D_R loss gradient (true labels). It reads labels no annotation
+    team has (the candidates' and D_R's), so it bounds what a policy can gain. Fast model only."""
+
+    heuristic = "oracle"
+
+
+class LossOracleAgent(HeuristicAgent):
+    """Ground-truth reference: picks the candidate on which the network's current class-weighted
+    loss against the true labels is largest (``Segmenter.loss_maps``); works with every model."""
+
+    heuristic = "oracle_loss"
+
+
 class RarityOracleAgent(HeuristicAgent):
-    """Ground-truth upper reference: picks the candidate whose true pixels are rarest among the
-    labels so far (the class-balance heuristic given the ground truth)."""
+    """Ground-truth reference: picks the candidate whose true pixels are rarest among the labels so
+    far (the class-balance heuristic given the ground truth)."""
 
     heuristic = "oracle_rarity"
 
 
+#: the ground-truth references by method name
 ORACLE_AGENTS: dict[str, type[HeuristicAgent]] = {
-    cls.heuristic: cls for cls in (OracleAgent, RarityOracleAgent)
+    cls.heuristic: cls for cls in (OracleAgent, LossOracleAgent, RarityOracleAgent)
 }
+#: every baseline agent by method name: the heuristics and the ground-truth oracles
 BASELINE_AGENTS: dict[str, type[HeuristicAgent]] = {**HEURISTIC_AGENTS, **ORACLE_AGENTS}
 
 
 def make_heuristic_agent(
     name: str, env: gym.Env | None = None, seed: int | None = None, **kwargs: Any
 ) -> HeuristicAgent:
-    """A baseline agent by method name (one of ``BASELINE_AGENTS``: the heuristics and ``oracle``)."""
+    """A baseline agent by method name (one of ``BASELINE_AGENTS``: the heuristics and the oracles)."""
     if name not in BASELINE_AGENTS:
         from ralis_gym.errors import ConfigError
 

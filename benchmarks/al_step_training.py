@@ -9,7 +9,7 @@ over seeds) and the median training seconds per step.
     python benchmarks/al_step_training.py --data-root ../shared/data --seeds 0,1,2
     python benchmarks/al_step_training.py --variants "last:train_regions=last" "lr3e-4:model_kwargs.lr=3e-4"
     python benchmarks/al_step_training.py --methods random,oracle --seeds 0,1,2,3,4,5,6,7,8,9 \
-        --variants "default:"        # training-mode returns of the oracle vs random (issue 9)
+        --variants "replay24+S:"     # training-mode returns of the oracle vs random (issue 9)
     python benchmarks/al_step_training.py --report-only   # the table from the committed CSV
 
 Episodes already in ``--out`` are skipped, so a killed run resumes. Step seconds are medians of the
@@ -34,6 +34,7 @@ import yaml
 import ralis_gym  # noqa: F401  (registers the environments)
 from agents.heuristics import make_heuristic_agent
 from ralis_gym.envs.region_al import run_agent
+from ralis_gym.stats import welch_t
 
 #: the measured set (BENCHMARKS.md "AL-step training"); "+S" adds a pass over the start data D_S
 DEFAULT_VARIANTS = [
@@ -44,6 +45,10 @@ DEFAULT_VARIANTS = [
     "all+S:train_regions=all,step_start_data=true",
     "replay24+S:train_regions=replay,replay_regions=24,step_start_data=true",
 ]
+
+
+#: the environment's default AL-step training (its random rows are the baseline of variants without any)
+DEFAULT_VARIANT = "replay24+S"
 
 
 @dataclass
@@ -125,8 +130,17 @@ def main(args: Args) -> None:
 
 def report(rows: list[dict]) -> None:
     print(f"\n{'variant':>16} {'method':>13} | {'D_R start':>12} | {'D_R middle':>12} | {'D_R end':>12} |"
-          f" {'return (end-start)':>22} | step s")  # fmt: skip
+          f" {'return (end-start)':>22} | {'vs random (Welch t)':>19} | step s")  # fmt: skip
     groups = dict.fromkeys((r["variant"], r["method"]) for r in rows)
+
+    def returns(name: str, method: str) -> np.ndarray:
+        mine = [r for r in rows if (r["variant"], r["method"]) == (name, method)]
+        if not mine:
+            return np.empty(0)
+        last = max(r["step"] for r in mine)
+        start = {r["seed"]: r["miou"] for r in mine if r["step"] == 0}
+        return np.array([100 * (r["miou"] - start[r["seed"]]) for r in mine if r["step"] == last])
+
     for name, method in groups:
         mine = [r for r in rows if (r["variant"], r["method"]) == (name, method)]
         last = max(r["step"] for r in mine)
@@ -134,12 +148,17 @@ def report(rows: list[dict]) -> None:
         for step in (0, last // 2, last):
             v = [100 * r["miou"] for r in mine if r["step"] == step]
             cols.append(f"{np.mean(v):6.2f} ± {np.std(v):4.2f}")
-        start = {r["seed"]: r["miou"] for r in mine if r["step"] == 0}
-        gain = np.array([100 * (r["miou"] - start[r["seed"]]) for r in mine if r["step"] == last])
+        gain, base = returns(name, method), returns(name, "random")
+        if base.size == 0:  # e.g. an oracle_set variant: random does not read it, same episodes
+            base = returns(DEFAULT_VARIANT, "random")
         se = gain.std(ddof=1) / np.sqrt(gain.size) if gain.size > 1 else float("nan")
+        versus = ""
+        if method != "random" and gain.size > 1 and base.size > 1:
+            diff, t = welch_t(gain, base)
+            versus = f"{diff:+5.2f} (t={t:+5.2f})"
         secs = statistics.median(r["step_seconds"] for r in mine if r["step"] > 0)
         print(f"{name:>16} {method:>13} | {' | '.join(cols)} | {gain.mean():+6.2f} ± {gain.std():4.2f} (SE {se:4.2f})"
-              f" | {secs:.3f}")  # fmt: skip
+              f" | {versus:>19} | {secs:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ the best D_R weights, evaluate on the test split) and then goes on from the unch
 The final training is the environment's (``RegionALEnv.evaluate``: the acquired regions plus the
 start network's labeled images D_S, early stopping on D_R with the model's
 ``FINAL_TRAINING_DEFAULTS``); ``--final-patience`` / ``--final-max-epochs`` override it (0 = the
-default). ``oracle`` (ground-truth loss, an upper reference) runs like a heuristic.
+default). The oracles (``oracle``: first-order decrease of the D_R loss from the candidate's and D_R's true
+labels; ``oracle_loss``: the candidate's current loss; upper references that read labels) run like
+heuristics.
 
 Every finished (method, seed, budget) cell is appended at once to the results CSV; a killed run
 started again skips the finished cells (it replays the acquisition, which is deterministic for a
@@ -43,6 +45,7 @@ import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
 from agents.heuristics import BASELINE_AGENTS, make_heuristic_agent
 from ralis_gym.config import load_yaml, parse_dataclass_args
+from ralis_gym.stats import welch_t
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("random", "entropy", "bald", "margin", "class_balance")
@@ -198,14 +201,6 @@ def run_method_seed(
 
 
 # --- report ------------------------------------------------------------------------------------
-def welch_t(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Difference of means ``mean(a) - mean(b)`` and Welch's t statistic (unequal variances)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    diff = float(a.mean() - b.mean())
-    se = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
-    return diff, diff / se if se > 0 else float("inf") * np.sign(diff)
-
-
 def report(path: Path, class_names: list[str], pool_pixels: np.ndarray | None) -> str:
     """Tables (CSV + Markdown) and plots from the results file; returns the Markdown."""
     rows = read_rows(path)

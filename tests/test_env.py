@@ -191,6 +191,30 @@ def test_al_step_training_sets_follow_train_regions(camvid_root):
         RegionALEnv(data_root=str(camvid_root), model="fast", **{**TINY, "train_regions": "newest"})
 
 
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_oracle_sets(camvid_root, mode):
+    """``oracle_set``: "evaluation" is what the episode is scored on (D_R in train mode, the test
+    split in test mode), "reward" is D_R, "held_out" a set disjoint from the pool, D_R and test
+    (the other pool), as many images as D_R, spread over it."""
+    env = RegionALEnv(data_root=str(camvid_root), model="fast", mode=mode, **TINY)
+    if mode == "train":
+        assert env.oracle_split is env.reward_split
+    else:
+        assert env.oracle_split.image_names == env._role_split("test", TINY["subset"]["test"]).image_names
+    env.close()
+    env = RegionALEnv(data_root=str(camvid_root), model="fast", mode=mode, oracle_set="held_out", **TINY)
+    held = env.oracle_split
+    names = set(held.image_names)
+    assert len(held) == len(env.reward_split)
+    for other in (env.pool_split, env.reward_split, env._role_split("test", None)):
+        assert names.isdisjoint(other.image_names)
+    assert names <= set(env.dataset.split("d_v" if mode == "train" else "d_t").image_names)
+    env.config["oracle_set"] = "reward"
+    assert env.oracle_split is env.reward_split
+    with pytest.raises(ConfigError, match="oracle_set"):
+        RegionALEnv(data_root=str(camvid_root), model="fast", **{**TINY, "oracle_set": "test"})
+
+
 def test_final_training_on_fully_labeled_images_is_the_pretraining_recipe(camvid_root):
     """The final-training path (every region of N images acquired, ``evaluate``) and the pretraining
     recipe (``fit_images`` under ``train_until_plateau``) on the same N images, from the same scratch

@@ -85,21 +85,29 @@ def test_random_agent_respects_masks_and_seed():
         make_heuristic_agent("coreset")
 
 
-@pytest.mark.parametrize("name", ["entropy", "margin", "class_balance", "bald", "oracle", "oracle_rarity"])
-def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
-    """``score_candidates`` works on the model's cell grid in chunks; it must give the region means
-    of the full-resolution per-pixel maps (BALD: the same dropout masks, drawn in the same order)."""
+def _env_after_one_step(camvid_root, seed: int, pools: int, per_pool: int, subset: dict):
+    """A tiny fast-model env (scratch start) after one step: something is labeled and trained."""
     import gymnasium as gym
 
     import ralis_gym  # noqa: F401
 
     env = gym.make(
-        "RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), start_network="scratch", num_pools=4,
-        regions_per_pool=5, budget=8, subset={"pool": 12, "reward": 2, "state": 1},
+        "RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), start_network="scratch", num_pools=pools,
+        regions_per_pool=per_pool, budget=2 * pools, subset={**subset, "state": 1},
     )  # fmt: skip
-    obs, _ = env.reset(seed=3)
-    base = env.unwrapped
-    obs, *_ = env.step(np.zeros(4, dtype=np.int64))  # something labeled: class_balance uses it
+    env.reset(seed=seed)
+    env.step(np.zeros(pools, dtype=np.int64))
+    return env.unwrapped
+
+
+@pytest.mark.parametrize(
+    "name", ["entropy", "margin", "class_balance", "bald", "oracle_loss", "oracle_rarity"]
+)
+def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
+    """``score_candidates`` works on the model's cell grid in chunks; it must give the region means
+    of the full-resolution per-pixel maps (BALD: the same dropout masks, drawn in the same order)."""
+    # something labeled: class_balance uses it
+    base = _env_after_one_step(camvid_root, seed=3, pools=4, per_pool=5, subset={"pool": 12, "reward": 2})
     seg, grid, pools = base.segmenter, base.grid, base._pools
     state = seg.generator.get_state()
     scores = base.score_candidates(name, mc_passes=3)
@@ -111,7 +119,7 @@ def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
     ]
     if name == "bald":
         maps = torch.cat([pixel_bald(seg.mc_dropout_proba(base.pool_split, c, passes=3)) for c in chunks])
-    elif name == "oracle":  # class-weighted CE of each pixel against its true label, void pixels 0
+    elif name == "oracle_loss":  # class-weighted CE of each pixel against its true label, void pixels 0
         probs = seg.predict_proba(base.pool_split, images)
         labels = torch.from_numpy(np.asarray(base.pool_split.labels[images])).long()
         maps = torch.nn.functional.nll_loss(
@@ -145,3 +153,46 @@ def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
     ]
     assert np.allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert np.isneginf(scores[~pools.mask]).all()
+
+
+def test_oracle_is_the_first_order_decrease_of_the_evaluation_loss(camvid_root):
+    """``oracle``: <d(region mean pixel loss)/d classifier, d(D_R loss)/d classifier>, both
+    losses class-weighted cross-entropy against the true labels at full resolution. Brute force:
+    autograd through the classifier of the real head, one region at a time, full-resolution pixels."""
+    import torch.nn.functional as F
+
+    base = _env_after_one_step(camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3})
+    seg, grid, pools = base.segmenter, base.grid, base._pools
+    scores = base.score_candidates("oracle")
+    weight = seg.head.class_weights
+    ignore = base.info_.ignore_index
+
+    def pixel_losses(split, idx):
+        """Per-pixel weighted CE [B, H, W] at full resolution as a function of (W, b) of the classifier."""
+        with torch.no_grad():
+            h = seg._trunk(split, idx)
+        w = seg.head.cls.weight.detach().clone().requires_grad_(True)
+        b = seg.head.cls.bias.detach().clone().requires_grad_(True)
+        logits = F.interpolate(F.conv2d(h, w, b), scale_factor=seg.stride, mode="nearest")
+        labels = torch.from_numpy(np.asarray(split.labels[idx])).long()
+        loss = F.nll_loss(
+            F.log_softmax(logits, 1), labels, weight=weight, ignore_index=ignore, reduction="none"
+        )
+        valid = labels != ignore
+        pixel_weight = torch.where(valid, weight[labels.clamp(max=len(weight) - 1)], torch.zeros(()))
+        return loss, pixel_weight, (w, b)
+
+    held = base.oracle_split  # what the episode is scored on: D_R in train mode
+    loss, pw, params = pixel_losses(held, np.arange(len(held)))
+    g_reward = torch.autograd.grad(loss.sum() / pw.sum(), params)
+    image, row, col = grid.split_ids(pools.region_ids[pools.mask])
+    rh, rw = grid.region_size[1], grid.region_size[0]
+    expected = []
+    for i, r, c in zip(image, row, col):
+        loss, _, params = pixel_losses(base.pool_split, np.array([i]))
+        region_mean = loss[0, r * rh : (r + 1) * rh, c * rw : (c + 1) * rw].mean()
+        g = torch.autograd.grad(region_mean, params)
+        expected.append(float(sum((a * b).sum() for a, b in zip(g, g_reward))))
+    assert np.allclose(scores[pools.mask], expected, rtol=1e-4, atol=1e-7)
+    assert np.isneginf(scores[~pools.mask]).all()
+    assert np.ptp(expected) > 0  # the candidates differ, so the test can fail

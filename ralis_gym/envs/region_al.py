@@ -57,6 +57,8 @@ DATASET_PROTOCOL: dict[str, dict[str, Any]] = {
 #: the policy sees at test time the ones it was trained on. ``start_network="source+dt"`` (with
 #: ``final_training.include_start_data=False``) is the reference protocol.
 MODE_POOL = {"train": "d_t", "test": "d_v"}
+#: what the ``oracle`` may read (``oracle_set``): the set an episode is scored on, D_R, or a held-out set
+ORACLE_SETS = ("evaluation", "reward", "held_out")
 TRAIN_REGIONS = ("last", "all", "replay")
 MODE_START = {"train": "source", "test": "source"}
 KL_FEATURES = 64
@@ -116,8 +118,10 @@ class RegionALEnv(gym.Env):
     ``train_regions`` / ``replay_regions`` / ``step_start_data`` (what an AL step trains on: the
     reference's ``"last"`` K new regions, ``"all"`` labeled regions, or the default ``"replay"``: the
     new ones plus ``replay_regions`` earlier ones drawn at random; ``step_start_data`` adds a pass
-    over the start network's labeled images), ``final_training`` (for :meth:`evaluate`), ``subset``
-    (image limits per role for tiny configs).
+    over the start network's labeled images), ``final_training`` (for :meth:`evaluate`),
+    ``oracle_set`` (whose labels the ``oracle`` reference reads: ``"evaluation"``, the set the
+    episode is scored on, D_R in train mode and test in test mode; ``"reward"``; ``"held_out"``,
+    the other pool), ``subset`` (image limits per role for tiny configs).
 
     ## Version History
     - v0: initial version.
@@ -127,6 +131,8 @@ class RegionALEnv(gym.Env):
     - v0, 2026-12-01 (later, id kept): AL steps replay 24 earlier labeled regions and pass over the
       start data (``train_regions="replay"``, ``step_start_data=True``): with the reference's K newest
       regions D_R mIoU fell over a random episode (BENCHMARKS.md, "AL-step training").
+    - v0, 2026-12-02 (method names): ``oracle`` is the gradient-alignment oracle (first-order
+      decrease of the loss on ``oracle_set``, fast model); the former loss oracle is ``oracle_loss``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
@@ -156,6 +162,10 @@ class RegionALEnv(gym.Env):
             # Each AL step also trains one pass over the start network's labeled images (D_S for
             # ``source``), so the network does not forget them while it learns the new regions.
             "step_start_data": True,
+            # Labeled images whose loss the ``oracle`` decreases: "evaluation" (what the episode is
+            # scored on: D_R in train mode, the test split in test mode), "reward" (D_R) or "held_out"
+            # (the other pool, D_V in train mode and D_T in test mode, as many images as D_R).
+            "oracle_set": "evaluation",
             "lr_decay_steps_per_step": 2,
             # Final training (``evaluate``): until D_R mIoU has not improved for ``patience`` epochs, on the
             # acquired regions plus, with ``include_start_data``, the labeled images the start network
@@ -186,6 +196,8 @@ class RegionALEnv(gym.Env):
             raise ConfigError(f"train_regions must be one of {TRAIN_REGIONS}, got {cfg['train_regions']!r}")
         if int(cfg["replay_regions"]) < 0:
             raise ConfigError(f"replay_regions must be >= 0, got {cfg['replay_regions']}")
+        if cfg["oracle_set"] not in ORACLE_SETS:
+            raise ConfigError(f"oracle_set must be one of {ORACLE_SETS}, got {cfg['oracle_set']!r}")
         if cfg["first_reward"] not in ("difference", "absolute"):
             raise ConfigError(f"first_reward must be 'difference' or 'absolute', got {cfg['first_reward']!r}")
 
@@ -252,6 +264,25 @@ class RegionALEnv(gym.Env):
         self._last_ids = np.empty(0, dtype=np.int64)
         self._steps = 0
         self.timings: dict[str, float] = {}
+        self._oracle_split: SegmentationSplit | None = None
+
+    @property
+    def oracle_split(self) -> SegmentationSplit:
+        """The labeled images whose loss the ``oracle`` decreases (see ``oracle_set``)."""
+        which = self.config["oracle_set"]
+        if which == "reward" or (which == "evaluation" and self.config["mode"] == "train"):
+            return self.reward_split
+        if self._oracle_split is None and which == "evaluation":
+            self._oracle_split = self._role_split("test", self.config["subset"]["test"])
+        if self._oracle_split is None:
+            role = MODE_POOL["test" if self.config["mode"] == "train" else "train"]
+            split = self.dataset.split(role)
+            n = min(len(split), len(self.reward_split))  # the reward set's cost per call
+            pick = np.unique(
+                np.linspace(0, len(split) - 1, n).round().astype(np.int64)
+            )  # spread over sequences
+            self._oracle_split = split.subset(pick, name=f"{role}[oracle]")
+        return self._oracle_split
 
     # --- construction helpers -----------------------------------------------------------------
     def _role_split(self, role: str, limit: int | None) -> SegmentationSplit:
@@ -504,9 +535,13 @@ class RegionALEnv(gym.Env):
         (``mc_passes`` MC-dropout passes, p = 0.5 before the classifier) or ``class_balance``
         (expected rarity of the predicted class, frequencies from the labeled pixels so far plus the
         candidates' predicted pixels). ``random`` gives uniform noise from the env's generator.
-        ``oracle`` is no heuristic: it reads the candidates' ground truth and scores a region by the
-        network's current class-weighted loss on it (``Segmenter.loss_maps``), an upper reference for what
-        choosing well can gain; ``oracle_rarity`` scores the true pixels' rarity ``-log pi_c`` (void 0),
+        The oracles are no heuristics: they read ground truth, upper references for what choosing
+        well can gain. ``oracle`` (fast model) reads the candidates' and the reward set's labels and
+        scores a region by the first-order decrease of the D_R loss that a gradient step on the
+        region's loss would bring: the inner product of the two losses' gradients with respect to
+        the classifier layer (``FastSegmenter.gradient_alignment_maps``; one D_R forward per call).
+        ``oracle_loss`` scores the network's current class-weighted loss on the region
+        (``Segmenter.loss_maps``); ``oracle_rarity`` the true pixels' rarity ``-log pi_c`` (void 0),
         ``pi`` from the labeled pixels plus the candidates' true pixels (class_balance given the truth).
         Scoring does not change the environment's state (it draws MC-dropout masks from the
         segmenter's own generator, so it does shift later training randomness deterministically).
@@ -537,6 +572,13 @@ class RegionALEnv(gym.Env):
         image, row, col = self.grid.split_ids(self._pools.region_ids[mask])
         images, slot = np.unique(image, return_inverse=True)
         seg, rows, cols = self.segmenter, self.grid.rows, self.grid.cols
+        if heuristic == "oracle":
+            if not hasattr(seg, "gradient_alignment_maps"):
+                raise ConfigError(
+                    f"method 'oracle' needs the fast model (model: fast), not {seg.kind!r}; "
+                    "'oracle_loss' works with every model"
+                )
+            direction = seg.classifier_gradient(self.oracle_split)
         # Region means are taken on the model's native output grid, a chunk of images at a time:
         # T x B x C x H x W MC-dropout tensors of a whole pool would not fit in memory.
         per_image, step = [], max(1, seg.default_batch_size())
@@ -545,6 +587,8 @@ class RegionALEnv(gym.Env):
             if heuristic == "bald":
                 maps = pixel_bald(seg.native_proba(self.pool_split, chunk, passes=mc_passes))
             elif heuristic == "oracle":
+                maps = seg.gradient_alignment_maps(self.pool_split, chunk, direction)
+            elif heuristic == "oracle_loss":
                 maps = seg.loss_maps(self.pool_split, chunk)
             else:
                 probs = seg.native_proba(self.pool_split, chunk)

@@ -219,7 +219,7 @@ class Segmenter(ABC):
     def loss_maps(self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The training loss against the true labels per native cell, ``[B, h, w]``: class-weighted
         cross-entropy summed over the cell's pixels and divided by its area (void pixels count 0),
-        so the mean over a region is its mean per-pixel loss at full resolution (the ``oracle``)."""
+        so the mean over a region is its mean per-pixel loss at full resolution (``oracle_loss``)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         logp = torch.log_softmax(self.native_logits(split, idx), dim=1)  # [B, C, h, w]
         weights = self.class_weights

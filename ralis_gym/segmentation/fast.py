@@ -615,6 +615,58 @@ class FastSegmenter(Segmenter):
         self.optimizer.step()
         return float(loss.detach())
 
+    @torch.no_grad()
+    def _classifier_gradient_parts(
+        self, split: SegmentationSplit, idx: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per cell, the gradient of the class-weighted cross-entropy summed over the cell's labeled
+        pixels with respect to the cell's logits, ``a [B, cells, C]`` (= ``(sum_c w_c y_c) p - w * y``),
+        and the classifier's input ``h [B, cells, width]``: the classifier's weight gradient of a
+        set of cells is ``sum a (x) h`` and its bias gradient ``sum a`` (eval mode, no dropout)."""
+        h = self._trunk(split, idx)
+        p = torch.softmax(self.head.classify(h), dim=1).flatten(2).transpose(1, 2)
+        y = (
+            self.targets(split)[torch.from_numpy(idx)].to(self.device, torch.float32)
+            * self.head.class_weights
+        )
+        a = y.sum(-1, keepdim=True) * p - y
+        return a, h.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def classifier_gradient(
+        self, split: SegmentationSplit, indices: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Gradient of the mean class-weighted cross-entropy over all labeled pixels of some images
+        (all of ``split`` by default) w.r.t. the classifier ``[weight | bias]``, ``[C, width + 1]``."""
+        idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+        grad = torch.zeros(self.info.num_classes, self.width + 1, dtype=torch.float64, device=self.device)
+        total = 0.0
+        for start in range(0, idx.size, self.eval_batch_size):
+            chunk = idx[start : start + self.eval_batch_size]
+            a, h = self._classifier_gradient_parts(split, chunk)
+            grad[:, :-1] += torch.einsum("bnc,bnw->cw", a, h).double()
+            grad[:, -1] += a.sum((0, 1)).double()
+            y = self.targets(split)[torch.from_numpy(chunk)].to(self.device, torch.float32)
+            total += float((y * self.head.class_weights).sum())
+        return (grad / max(total, 1e-12)).float()
+
+    @torch.no_grad()
+    def gradient_alignment_maps(
+        self, split: SegmentationSplit, indices: np.ndarray, direction: torch.Tensor
+    ) -> torch.Tensor:
+        """``<d loss_cell / d classifier, direction> / cell area`` per cell, ``[B, rows, cols]``, with
+        ``loss_cell`` the class-weighted cross-entropy summed over the cell's labeled pixels. The mean
+        over a region is the inner product of its mean pixel loss's classifier gradient with
+        ``direction``: with ``direction = classifier_gradient(D_R)`` the first-order decrease of the
+        D_R loss per unit gradient step on the region (the ``oracle``). Linear in the cells, so it is
+        a per-cell map like the heuristics' and needs no per-region backward pass."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        a, h = self._classifier_gradient_parts(split, idx)
+        direction = direction.to(self.device, torch.float32)
+        u = h @ direction[:, :-1].T + direction[:, -1]  # [B, cells, C]
+        maps = (a * u).sum(-1) / float(self.stride**2)
+        return maps.view(idx.size, self.rows, self.cols)
+
     def pixel_loss(self, split: SegmentationSplit, indices: np.ndarray, labeled: np.ndarray) -> float:
         """Weighted cross-entropy over the labeled pixels of some images (eval mode, for checks).
 
