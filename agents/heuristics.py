@@ -87,9 +87,10 @@ HEURISTIC_AGENTS: dict[str, type[HeuristicAgent]] = {
 
 class OracleAgent(HeuristicAgent):
     """Ground-truth upper reference, not a heuristic: picks the candidate whose labeling decreases
-    the reward set's loss most to first order, i.e. whose loss gradient (classifier layer, true
-    labels) is most aligned with the D_R loss gradient (true labels). It reads labels no annotation
-    team has (the candidates' and D_R's), so it bounds what a policy can gain. Fast model only."""
+    the loss of the set the episode is scored on most to first order (``oracle_set``: D_R in train
+    mode, the test split in test mode), i.e. whose loss gradient at the classifier layer is most
+    aligned with that set's. It reads labels no annotation team has, so it is a reference for what
+    choosing can gain, not a strategy. Fast model only."""
 
     heuristic = "oracle"
 

@@ -48,7 +48,7 @@ DEFAULT_VARIANTS = [
 
 
 #: the environment's default AL-step training (its random rows are the baseline of variants without any)
-DEFAULT_VARIANT = "replay24+S"
+DEFAULT_VARIANT = DEFAULT_VARIANTS[-1].split(":")[0]
 
 
 @dataclass
@@ -143,7 +143,7 @@ def report(rows: list[dict]) -> None:
 
     for name, method in groups:
         mine = [r for r in rows if (r["variant"], r["method"]) == (name, method)]
-        last = max(r["step"] for r in mine)
+        last = max(r["step"] for r in mine)  # the columns; the returns come from ``returns``
         cols = []
         for step in (0, last // 2, last):
             v = [100 * r["miou"] for r in mine if r["step"] == step]

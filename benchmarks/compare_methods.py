@@ -14,9 +14,9 @@ the best D_R weights, evaluate on the test split) and then goes on from the unch
 The final training is the environment's (``RegionALEnv.evaluate``: the acquired regions plus the
 start network's labeled images D_S, early stopping on D_R with the model's
 ``FINAL_TRAINING_DEFAULTS``); ``--final-patience`` / ``--final-max-epochs`` override it (0 = the
-default). The oracles (``oracle``: first-order decrease of the D_R loss from the candidate's and D_R's true
-labels; ``oracle_loss``: the candidate's current loss; upper references that read labels) run like
-heuristics.
+default). The oracles (``oracle``: first-order decrease of the test-set loss from the candidate's
+and the test images' true labels, see the env's ``oracle_set``; ``oracle_loss``: the candidate's
+current loss; references that read labels) run like heuristics.
 
 Every finished (method, seed, budget) cell is appended at once to the results CSV; a killed run
 started again skips the finished cells (it replays the acquisition, which is deterministic for a

@@ -269,19 +269,20 @@ class RegionALEnv(gym.Env):
     @property
     def oracle_split(self) -> SegmentationSplit:
         """The labeled images whose loss the ``oracle`` decreases (see ``oracle_set``)."""
-        which = self.config["oracle_set"]
-        if which == "reward" or (which == "evaluation" and self.config["mode"] == "train"):
+        which, mode = self.config["oracle_set"], self.config["mode"]
+        if which == "evaluation":
+            which = "reward" if mode == "train" else "test"
+        if which == "reward":
             return self.reward_split
-        if self._oracle_split is None and which == "evaluation":
-            self._oracle_split = self._role_split("test", self.config["subset"]["test"])
         if self._oracle_split is None:
-            role = MODE_POOL["test" if self.config["mode"] == "train" else "train"]
-            split = self.dataset.split(role)
-            n = min(len(split), len(self.reward_split))  # the reward set's cost per call
-            pick = np.unique(
-                np.linspace(0, len(split) - 1, n).round().astype(np.int64)
-            )  # spread over sequences
-            self._oracle_split = split.subset(pick, name=f"{role}[oracle]")
+            if which == "test":
+                self._oracle_split = self._role_split("test", self.config["subset"]["test"])
+            else:  # held out: the other pool, as many images as D_R (its cost), spread over sequences
+                role = MODE_POOL["test" if mode == "train" else "train"]
+                split = self.dataset.split(role)
+                n = min(len(split), len(self.reward_split))
+                pick = np.unique(np.linspace(0, len(split) - 1, n).round().astype(np.int64))
+                self._oracle_split = split.subset(pick, name=f"{role}[oracle]")
         return self._oracle_split
 
     # --- construction helpers -----------------------------------------------------------------
@@ -536,10 +537,11 @@ class RegionALEnv(gym.Env):
         (expected rarity of the predicted class, frequencies from the labeled pixels so far plus the
         candidates' predicted pixels). ``random`` gives uniform noise from the env's generator.
         The oracles are no heuristics: they read ground truth, upper references for what choosing
-        well can gain. ``oracle`` (fast model) reads the candidates' and the reward set's labels and
-        scores a region by the first-order decrease of the D_R loss that a gradient step on the
-        region's loss would bring: the inner product of the two losses' gradients with respect to
-        the classifier layer (``FastSegmenter.gradient_alignment_maps``; one D_R forward per call).
+        well can gain. ``oracle`` (fast model) reads the candidates' labels and those of
+        ``oracle_split`` (D_R in train mode, the test split in test mode) and scores a region by the
+        first-order decrease of that set's loss that a gradient step on the region's loss would
+        bring: the inner product of the two losses' gradients with respect to the classifier layer
+        (``FastSegmenter.gradient_alignment_maps``; one forward of ``oracle_split`` per call).
         ``oracle_loss`` scores the network's current class-weighted loss on the region
         (``Segmenter.loss_maps``); ``oracle_rarity`` the true pixels' rarity ``-log pi_c`` (void 0),
         ``pi`` from the labeled pixels plus the candidates' true pixels (class_balance given the truth).

@@ -640,14 +640,12 @@ class FastSegmenter(Segmenter):
         (all of ``split`` by default) w.r.t. the classifier ``[weight | bias]``, ``[C, width + 1]``."""
         idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
         grad = torch.zeros(self.info.num_classes, self.width + 1, dtype=torch.float64, device=self.device)
-        total = 0.0
         for start in range(0, idx.size, self.eval_batch_size):
-            chunk = idx[start : start + self.eval_batch_size]
-            a, h = self._classifier_gradient_parts(split, chunk)
+            a, h = self._classifier_gradient_parts(split, idx[start : start + self.eval_batch_size])
             grad[:, :-1] += torch.einsum("bnc,bnw->cw", a, h).double()
             grad[:, -1] += a.sum((0, 1)).double()
-            y = self.targets(split)[torch.from_numpy(chunk)].to(self.device, torch.float32)
-            total += float((y * self.head.class_weights).sum())
+        counts = self.targets(split)[torch.from_numpy(idx)].sum((0, 1)).double()  # labeled pixels per class
+        total = float(counts @ self.head.class_weights.double().cpu())  # the mean's denominator
         return (grad / max(total, 1e-12)).float()
 
     @torch.no_grad()
