@@ -312,3 +312,62 @@ def test_prediction_maps_match_full_resolution(camvid):
     ref_pred, ref_ent = probs.argmax(1), pixel_entropy(probs)
     assert torch.equal(pred, ref_pred)
     assert torch.allclose(ent, ref_ent, atol=1e-6)
+
+
+def _module_trunk(head, x, positions, rows, cols):
+    """The head written with its modules in NCHW, the obviously-correct version of ``GridHead.trunk``."""
+    w = head.inp.weight / head.feature_std
+    b = head.inp.bias - w @ head.feature_mean
+    h = (x @ w.T + (positions @ head.pos.weight.T + b)).view(x.shape[0], rows, cols, -1)
+    h = h.permute(0, 3, 1, 2).contiguous()
+    h = F.relu(head.norm0(h))
+    for block in head.blocks:
+        h = block(h)  # ContextBlock.forward: Conv2d / BatchNorm2d modules
+    return h
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_cells_last_head_equals_the_module_forward(separable):
+    """The cells-last fast path (oneDNN 3x3 on a channels-last view, 1x1 as matmuls, batch norm over
+    the last axis) gives the module forward's numbers, in training (outputs, running statistics,
+    gradients) and in eval mode."""
+    from ralis_gym.segmentation.encoder import position_encoding
+    from ralis_gym.segmentation.fast import GridHead
+
+    rows, cols = 6, 8
+    pos = position_encoding(rows, cols).reshape(rows * cols, -1)
+    g = torch.Generator().manual_seed(0)
+    fast = GridHead(20, pos.shape[1], 16, 5, (1, 2, 0), separable, True)
+    fast.reset_parameters(g)
+    ref = GridHead(20, pos.shape[1], 16, 5, (1, 2, 0), separable, True)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, rows * cols, 20, generator=g)
+    for mode in ("train", "eval"):
+        fast.train(mode == "train")
+        ref.train(mode == "train")
+        out = fast.classify(fast.trunk(x, pos, rows, cols))
+        expected = ref.cls(_module_trunk(ref, x, pos, rows, cols))
+        assert out.shape == expected.shape == (3, 5, rows, cols)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        if mode == "train":
+            (out.square().mean()).backward()
+            (expected.square().mean()).backward()
+            for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # running stats, counters
+
+
+def test_class_argmax_is_argmax_index_for_index():
+    from ralis_gym.features.regions import class_argmax
+
+    g = torch.Generator().manual_seed(0)
+    ties = torch.randint(0, 3, (4, 7, 5, 6), generator=g).float()  # many ties: first index wins
+    ties[0, :, 0, 0] = float("nan")
+    ties[1, 2, 1, 1] = float("nan")
+    for t in (
+        ties,
+        torch.randn(2, 3, 7, 5, 6, generator=g),
+        ties.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+    ):
+        assert torch.equal(class_argmax(t), t.argmax(-3))

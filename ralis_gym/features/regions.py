@@ -100,6 +100,16 @@ def _pool_cells(cells: torch.Tensor, grid: RegionGrid, kernel: tuple[int, int]) 
     return pooled.permute(0, 2, 4, 1, 3, 5).reshape(n, grid.rows, grid.cols, POOL_FEATURES)
 
 
+def class_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """Arg-max over the class axis of ``[..., C, H, W]``: ``probs.argmax(-3)``, index for index.
+
+    ``max(...).indices`` returns the same first maximal index (ties and NaN included, see the tests)
+    but reduces a strided class axis 4-5x faster on the CPU than ``argmax`` (1.7 vs 0.4 ms for a
+    batch of 8 fast-model cell grids), which the reward evaluation does every step.
+    """
+    return probs.max(dim=-3).indices
+
+
 def entropy_map(probs: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """``-(p * log(p + eps)).sum(C)`` of ``[n, C, H, W]``: ``ralis_gym.segmentation.base.pixel_entropy``, op for op.
 
@@ -140,7 +150,9 @@ def region_tables(
     step = max(1, image_chunk_elems // max(1, probs[0].numel()))
     for start in range(0, n_img, step):
         p = probs[start : start + step].float()
-        out[start : start + p.shape[0]] = region_tables_from_maps(p.argmax(1), entropy_map(p), n_cls, grid)
+        out[start : start + p.shape[0]] = region_tables_from_maps(
+            class_argmax(p), entropy_map(p), n_cls, grid
+        )
     return out
 
 

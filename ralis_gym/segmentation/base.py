@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ralis_gym.data.base import DatasetInfo, SegmentationSplit
+from ralis_gym.features.regions import class_argmax, entropy_map
 from ralis_gym.regions.grid import RegionGrid
 from ralis_gym.segmentation.metrics import SegmentationMetrics, cell_histograms, confusion_matrix
 from ralis_gym.segmentation.uncertainty import pixel_entropy  # noqa: F401  (re-exported)
@@ -181,7 +182,7 @@ class Segmenter(ABC):
         """Arg-max class map ``[B, H, W]`` uint8 (arg-max on the native grid, then upsampled: the
         same result as the arg-max of the upsampled probabilities)."""
         maps = [
-            self.upsample(p.argmax(1)).to(torch.uint8).cpu()
+            self.upsample(class_argmax(p)).to(torch.uint8).cpu()
             for _, p in self.iter_native_proba(split, indices)
         ]
         if not maps:
@@ -202,11 +203,9 @@ class Segmenter(ABC):
         """Arg-max ``[B, H, W]`` and entropy ``[B, H, W]`` maps at full resolution (the inputs of the
         spec §4 region features), computed on the native grid and then expanded: the same numbers as
         from the upsampled softmax without building the ``[B, C, H, W]`` tensor."""
-        from ralis_gym.features.regions import entropy_map
-
         preds, ents = [], []
         for _, p in self.iter_native_proba(split, indices):
-            preds.append(self.upsample(p.argmax(1)))
+            preds.append(self.upsample(class_argmax(p)))
             ents.append(self.upsample(entropy_map(p)))
         return torch.cat(preds), torch.cat(ents)
 
@@ -255,7 +254,7 @@ class Segmenter(ABC):
         for idx, probs in tqdm(
             batches, total=total, desc=f"eval {split.name}", leave=False, disable=not progress
         ):
-            pred = probs.argmax(1)
+            pred = class_argmax(probs)
             if hist is None:
                 target = torch.from_numpy(np.asarray(split.labels[idx])).to(self.device)
                 cm += confusion_matrix(pred, target, c, self.info.ignore_index)
