@@ -4,6 +4,8 @@
     python benchmarks/compare_methods.py --quick                      # 1 seed, 2 budgets, minutes
     python benchmarks/compare_methods.py --report-only                # tables + plots from the CSV
     python benchmarks/compare_methods.py --model paper --device cuda  # the paper's FPN, on a GPU
+    python benchmarks/compare_methods.py --ray                        # one Ray task per (method, seed)
+    python benchmarks/compare_methods.py --ray-address auto --model paper --gpus-per-run 0.5
 
 Protocol: pool D_V, K = 24 pools of N = 10 candidates per step, start network ``source`` (the env's
 test-mode default; see ``ralis_gym.envs.region_al.MODE_START`` for why it is not the reference's
@@ -22,6 +24,11 @@ Every finished (method, seed, budget) cell is appended at once to the results CS
 started again skips the finished cells (it replays the acquisition, which is deterministic for a
 seed, and only trains where a cell is missing). The report (Markdown + CSV tables, PNG plots) is
 written next to the CSV from whatever cells exist.
+
+With ``--ray`` every missing (method, seed) run is a Ray task (``run_ray``): a local Ray with this
+machine's CPUs, or the cluster at ``--ray-address``; the driver alone writes the CSV as cells stream
+back, retries a run whose worker raised or died for its missing cells (``--max-retries``), and gives
+the same cells as the serial run.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,10 +78,21 @@ class Args:
     threads: int = 1
     quick: bool = False  # 1 seed, budgets 48 and 96, tiny final training: a smoke test
     report_only: bool = False
+    ray: bool = False  # each missing (method, seed) run as a Ray task (a local Ray with this machine's CPUs)
+    ray_address: str | None = (
+        None  # join this Ray cluster instead (e.g. auto, or ray://head:10001); implies --ray
+    )
+    ray_cpus: int = 0  # CPUs of the local Ray (0: all of this machine's)
+    cpus_per_run: float = 1.0  # Ray resources of one run
+    gpus_per_run: float = 0.0  # e.g. 0.5 for two paper-model runs per GPU (--model paper)
+    max_retries: int = 2  # a run whose worker raised or died is started again this often (missing cells only)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     args = parse_dataclass_args(Args, __doc__, argv)
+    args.ray = args.ray or bool(args.ray_address)
+    if args.cpus_per_run <= 0 or args.gpus_per_run < 0 or args.max_retries < 0 or args.ray_cpus < 0:
+        raise SystemExit("--cpus-per-run must be > 0, --gpus-per-run, --max-retries and --ray-cpus >= 0")
     if args.quick:  # preset values, unless given explicitly
         preset = {
             "seeds": "0",
@@ -135,33 +154,45 @@ def is_policy(method: str) -> bool:
 
 # --- one (method, seed) pass -------------------------------------------------------------------
 def make_agent(method: str, env: gym.Env, seed: int, args: Args):
+    """The agent of a method that ``check_methods`` accepted."""
     if is_policy(method):
-        if not Path(args.policy).is_file():
-            raise SystemExit(
-                f"method {method!r} needs a trained policy: {args.policy} does not exist "
-                "(train one with examples/train_ralis.py, pass it with --policy)"
-            )
         return RalisDQN.load(args.policy, device="cpu")
-    if method not in BASELINE_AGENTS:
-        raise SystemExit(
-            f"unknown method {method!r}; choose ralis, ralis-<tag> or one of {sorted(BASELINE_AGENTS)}"
-        )
     return make_heuristic_agent(
         method, env, seed=seed, **({"mc_passes": args.mc_passes} if method == "bald" else {})
     )
 
 
-def run_method_seed(
+def check_methods(methods: list[str], args: Args) -> None:
+    """Refuse unknown methods and missing policies before any run starts (one line, exit 2)."""
+    for method in methods:
+        if is_policy(method):
+            if not Path(args.policy).is_file():
+                raise SystemExit(
+                    f"method {method!r} needs a trained policy: {args.policy} does not exist "
+                    "(train one with examples/train_ralis.py, pass it with --policy)"
+                )
+        elif method not in BASELINE_AGENTS:
+            raise SystemExit(
+                f"unknown method {method!r}; choose ralis, ralis-<tag> or one of {sorted(BASELINE_AGENTS)}"
+            )
+
+
+def iter_method_seed(
     env: gym.Env, method: str, seed: int, budgets: list[int], missing: set[int], args: Args,
-    path: Path, header: list[str],
-) -> None:  # fmt: skip
+    progress: bool = True,
+) -> Iterator[dict]:  # fmt: skip
+    """One (method, seed) pass: acquire up to the largest missing budget and yield the row of each
+    missing budget as soon as its final training is done (the caller writes it)."""
     base = env.unwrapped
     names = list(base.info_.class_names)
     agent = make_agent(method, env, seed, args)
     obs, info = env.reset(seed=seed)
     t_acq, done = time.perf_counter(), False
     pending = sorted(missing)
-    with tqdm(total=max(pending), desc=f"{method} seed {seed}", unit="region", leave=False) as bar:
+    bar = tqdm(
+        total=max(pending), desc=f"{method} seed {seed}", unit="region", leave=False, disable=not progress
+    )
+    with bar:
         while pending and not done:
             action, _ = agent.predict(obs, deterministic=True)
             obs, _, term, trunc, info = env.step(np.asarray(action).reshape(-1))
@@ -180,7 +211,7 @@ def run_method_seed(
                 progress=False,
             )
             pixels = info["labeled_class_pixels"]
-            row = {
+            yield {
                 "method": method, "seed": seed, "budget": budget, "labeled": info["labeled_regions"],
                 "test_miou": f"{final['test_miou']:.6f}", "d_r_miou": f"{final['d_r_miou']:.6f}",
                 "pixel_accuracy": f"{final['pixel_accuracy']:.6f}", "final_epochs": final["epochs"],
@@ -190,14 +221,117 @@ def run_method_seed(
                 "model": args.model, "policy": args.policy if is_policy(method) else "", "machine": machine(),
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
             }  # fmt: skip
-            append_row(path, header, row)
             pending.remove(budget)
-            tqdm.write(
-                f"{method:13s} seed {seed} budget {budget:5d}: test mIoU {100 * final['test_miou']:.2f}%"
-            )
             t_acq = time.perf_counter()
     if pending:
         raise RuntimeError(f"{method} seed {seed}: the pool ran out before budgets {pending}")
+
+
+def cell_line(row: dict) -> str:
+    return (
+        f"{row['method']:13s} seed {row['seed']} budget {int(row['budget']):5d}: "
+        f"test mIoU {100 * float(row['test_miou']):.2f}%"
+    )
+
+
+def run_serial(
+    env: gym.Env, todo: list[tuple[str, int]], budgets: list[int], done: set, args: Args,
+    save: Callable[[dict], None],
+) -> list[str]:  # fmt: skip
+    """Every (method, seed) run in this process, one after the other, on one environment."""
+    for method, seed in todo:
+        missing = {b for b in budgets if (method, seed, b) not in done}
+        for row in iter_method_seed(env, method, seed, budgets, missing, args):
+            save(row)
+    return []
+
+
+def _ray_run(env_id: str, env_kwargs: dict, method: str, seed: int, budgets: list[int], missing: set[int],
+             args: Args) -> Iterator[dict]:  # fmt: skip
+    """A Ray generator task: a fresh environment in the worker, one (method, seed) pass, each
+    finished cell streamed back to the driver (which alone writes the CSV)."""
+    torch.set_num_threads(args.threads)
+    env = gym.make(env_id, **env_kwargs)
+    try:
+        yield from iter_method_seed(env, method, seed, budgets, missing, args, progress=False)
+    finally:
+        env.close()
+
+
+def import_ray():
+    """The ``ray`` module, or one line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit('--ray needs Ray: pip install "ralis-gym[ray]" (or pip install ray)') from None
+    return ray
+
+
+def run_ray(
+    env_id: str, env_kwargs: dict, todo: list[tuple[str, int]], budgets: list[int], done: set, args: Args,
+    save: Callable[[dict], None],
+) -> list[str]:  # fmt: skip
+    """Every (method, seed) run as a Ray task with ``--cpus-per-run`` / ``--gpus-per-run``.
+
+    Cells stream back as they finish (Ray generator tasks) and are saved by this driver at once, so a
+    killed driver or worker loses only cells in progress. A run whose worker raises or dies is
+    reported with its (method, seed) and submitted again, up to ``--max-retries`` times, for the
+    budgets still missing; the other runs go on. Returns the runs that failed for good.
+    """
+    ray = import_ray()
+    here = str(Path(__file__).resolve().parent)
+    runtime_env = {"env_vars": {
+        "OMP_NUM_THREADS": str(args.threads),
+        "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p),
+    }}  # fmt: skip
+    if args.ray_address:
+        ray.init(address=args.ray_address, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=args.ray_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env)
+    task = ray.remote(_ray_run).options(
+        num_cpus=args.cpus_per_run,
+        num_gpus=args.gpus_per_run,
+        max_retries=0,  # retried here, per cell
+    )
+    if args.gpus_per_run > 0:
+        env_kwargs = {**env_kwargs, "device": "cuda"}  # Ray sets CUDA_VISIBLE_DEVICES per task
+    live: dict = {}  # generator -> (method, seed, attempt)
+
+    def submit(method: str, seed: int, attempt: int) -> None:
+        missing = {b for b in budgets if (method, seed, b) not in done}
+        live[task.remote(env_id, env_kwargs, method, seed, budgets, missing, args)] = (method, seed, attempt)
+
+    for method, seed in todo:
+        submit(method, seed, 0)
+    failed: list[str] = []
+    try:
+        while live:
+            (gen,), _ = ray.wait(list(live), num_returns=1)
+            method, seed, attempt = live[gen]
+            try:
+                row = ray.get(next(gen))
+            except StopIteration:
+                del live[gen]
+                continue
+            except ray.exceptions.RayError as err:
+                del live[gen]
+                cause = getattr(err, "cause", None) or err
+                reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+                if attempt < args.max_retries:
+                    tqdm.write(
+                        f"{method} seed {seed}: run failed ({reason}); retry {attempt + 1}/{args.max_retries}"
+                    )
+                    submit(method, seed, attempt + 1)
+                else:
+                    tqdm.write(
+                        f"{method} seed {seed}: run failed for good after {attempt + 1} attempt(s) ({reason})"
+                    )
+                    failed.append(f"{method} seed {seed}")
+                continue
+            save(row)
+    finally:
+        ray.shutdown()
+    return failed
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -372,17 +506,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         env_kwargs.update(load_yaml(args.config))
         env_kwargs["budget"] = budgets[-1]
-    env = None
+    env, failed = None, []
     if not args.report_only:
+        check_methods(methods, args)
+        if args.ray:
+            import_ray()  # before minutes of setup
+        # The driver's environment names the columns and, on first use, pretrains the start network
+        # into the cache, so that Ray workers load it instead of each training it again.
         env = gym.make(env_id, **env_kwargs)
         names = list(env.unwrapped.info_.class_names)
         header = columns(names)
         done = {(r["method"], int(r["seed"]), int(r["budget"])) for r in read_rows(path)}
         todo = [(m, s) for s in seeds for m in methods if any((m, s, b) not in done for b in budgets)]
-        print(f"{len(done)} cells already in {path}; {len(todo)} (method, seed) runs to go", file=sys.stderr)
-        for method, seed in tqdm(todo, desc="runs", unit="run"):
-            missing = {b for b in budgets if (method, seed, b) not in done}
-            run_method_seed(env, method, seed, budgets, missing, args, path, header)
+        cells = sum((m, s, b) not in done for m, s in todo for b in budgets)
+        print(
+            f"{len(done)} cells already in {path}; {len(todo)} (method, seed) runs ({cells} cells) to go"
+            + (" on Ray" if args.ray else ""),
+            file=sys.stderr,
+        )
+        bar = tqdm(total=cells, desc="cells", unit="cell")
+
+        def save(row: dict) -> None:
+            append_row(path, header, row)
+            done.add((row["method"], int(row["seed"]), int(row["budget"])))
+            bar.update(1)
+            tqdm.write(cell_line(row))
+
+        try:
+            if args.ray:
+                failed = run_ray(env_id, env_kwargs, todo, budgets, done, args, save)
+            else:
+                failed = run_serial(env, todo, budgets, done, args, save)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"interrupted: {len(done)} cells are saved in {path}; the same command finishes the rest",
+                  file=sys.stderr)  # fmt: skip
+            return 130
+        bar.close()
+        if failed:
+            print(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them", file=sys.stderr)
         pool_split = env.unwrapped.pool_split
     else:
         from ralis_gym.data import load_dataset
@@ -395,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": " ".join(sys.argv), "machine": machine(), "args": vars(args)}
         Path(f"{path.with_suffix('')}-last-run.json").write_text(json.dumps(meta, indent=2, default=str))
         env.close()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def test_compare_methods_quick_preset_resumes_and_reports(trained_policy, camvid
     kept = [x for x in lines if not x.startswith("entropy,0,6,")]
     results.write_text("\n".join(kept) + "\n")
     text = run_script("benchmarks/compare_methods.py", *args, root=camvid_root, cwd=tmp_path)
-    assert "5 cells already" in text and "1 (method, seed) runs to go" in text
+    assert "5 cells already" in text and "1 (method, seed) runs (1 cells) to go" in text
     after = results.read_text().splitlines()
     assert after[: len(kept)] == kept and len(after) == len(lines)
     for suffix in ("-table.csv", "-report.md", "-miou-vs-budget.png", "-class-distribution.png"):

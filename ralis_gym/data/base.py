@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ralis_gym.errors import DatasetError
+from ralis_gym.fileio import file_lock, unique_temporary
 from ralis_gym.paths import user_cache_dir
 
 # Bump when decoding semantics change so stale caches are never reused.
@@ -201,6 +202,16 @@ def decode_pairs(
     return images, labels
 
 
+def _load_decoded(img_file: Path, lab_file: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Memory maps of a decoded split's cache files, or None if absent or unreadable."""
+    if not (img_file.exists() and lab_file.exists()):
+        return None
+    try:
+        return np.load(img_file, mmap_mode="r"), np.load(lab_file, mmap_mode="r")
+    except (ValueError, OSError):
+        return None  # a half-written cache of an older version: decode again
+
+
 def cached_decode(
     pairs: Sequence[tuple[Path, Path]],
     info: DatasetInfo,
@@ -223,30 +234,34 @@ def cached_decode(
     folder = (cache_dir or user_cache_dir() / "decoded") / info.name
     stem = folder / f"{split_name}-{h.hexdigest()[:16]}"
     img_file, lab_file = stem.with_suffix(".images.npy"), stem.with_suffix(".labels.npy")
-    if img_file.exists() and lab_file.exists():
-        try:
-            return np.load(img_file, mmap_mode="r"), np.load(lab_file, mmap_mode="r")
-        except (ValueError, OSError):
-            pass  # a half-written cache from a killed process: decode again
+    cached = _load_decoded(img_file, lab_file)
+    if cached is not None:
+        return cached
     width, height = info.image_size
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp_img = img_file.with_suffix(f".tmp{os.getpid()}.npy")
-        tmp_lab = lab_file.with_suffix(f".tmp{os.getpid()}.npy")
-        out = (
-            np.lib.format.open_memmap(tmp_img, "w+", np.uint8, (len(pairs), height, width, 3)),
-            np.lib.format.open_memmap(tmp_lab, "w+", np.uint8, (len(pairs), height, width)),
-        )
     except OSError:  # read-only cache: work from memory
         return decode_pairs(pairs, info, label_map, desc=f"{info.name}/{split_name}")
-    try:
-        decode_pairs(pairs, info, label_map, desc=f"{info.name}/{split_name}", out=out)
-        for arr in out:
-            arr.flush()
-        del out
-        os.replace(tmp_img, img_file)
-        os.replace(tmp_lab, lab_file)
-    finally:
-        for tmp in (tmp_img, tmp_lab):
-            tmp.unlink(missing_ok=True)
+    # One process decodes a split; others that need it meanwhile wait, then map its files.
+    with file_lock(stem):
+        cached = _load_decoded(img_file, lab_file)
+        if cached is not None:
+            return cached
+        tmp_img, tmp_lab = unique_temporary(img_file), unique_temporary(lab_file)
+        try:
+            out = (
+                np.lib.format.open_memmap(tmp_img, "w+", np.uint8, (len(pairs), height, width, 3)),
+                np.lib.format.open_memmap(tmp_lab, "w+", np.uint8, (len(pairs), height, width)),
+            )
+            decode_pairs(pairs, info, label_map, desc=f"{info.name}/{split_name}", out=out)
+            for arr in out:
+                arr.flush()
+            del out
+            os.replace(tmp_img, img_file)
+            os.replace(tmp_lab, lab_file)
+        except OSError:  # read-only or full cache: work from memory
+            return decode_pairs(pairs, info, label_map, desc=f"{info.name}/{split_name}")
+        finally:
+            for tmp in (tmp_img, tmp_lab):
+                tmp.unlink(missing_ok=True)
     return np.load(img_file, mmap_mode="r"), np.load(lab_file, mmap_mode="r")

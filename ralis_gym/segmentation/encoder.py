@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 import weakref
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ralis_gym.data.base import SegmentationSplit
+from ralis_gym.fileio import atomic_write, file_lock
 from ralis_gym.paths import user_cache_dir
 
 # Bump when the feature definition changes so stale caches are never reused.
@@ -416,18 +416,16 @@ def split_features(
     rows, cols = encoder.grid_shape(split.info.image_size)
     shape = (len(split), rows, cols, encoder.dim)
     path = feature_cache_dir() / encoder.config.key / f"{split.key}-{fingerprint}.npy"
-    feats: torch.Tensor | None = None
-    if disk_cache and path.exists():
-        try:
-            arr = np.load(path)
-            if arr.shape == shape and arr.dtype == np.float16:
-                feats = torch.from_numpy(arr)
-        except (ValueError, OSError):
-            feats = None  # half-written or corrupt: recompute
-    if feats is None:
+    feats = _load_cached(path, shape) if disk_cache else None
+    if feats is None and disk_cache:
+        # One process encodes a split; others that need it meanwhile wait, then read its file.
+        with file_lock(path):
+            feats = _load_cached(path, shape)
+            if feats is None:
+                feats = _encode_split(encoder, split, shape, batch_size, progress)
+                _save_atomic(path, feats.numpy())
+    elif feats is None:
         feats = _encode_split(encoder, split, shape, batch_size, progress)
-        if disk_cache:
-            _save_atomic(path, feats.numpy())
     with _LOCK:
         _MEMORY[key] = feats
     return feats
@@ -446,11 +444,19 @@ def _encode_split(
     return out
 
 
+def _load_cached(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The cached features at ``path`` if they exist and have the expected shape, else None."""
+    if not path.exists():
+        return None
+    try:
+        arr = np.load(path)
+    except (ValueError, OSError):
+        return None  # corrupt (e.g. an old cache's half-written file): recompute
+    return torch.from_numpy(arr) if arr.shape == shape and arr.dtype == np.float16 else None
+
+
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, array)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.save(f, array))
     except OSError:
         pass  # read-only cache: keep working from memory

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ralis_gym.data.base import SegmentationSplit
 from ralis_gym.data.dataset import SegmentationDataset
 from ralis_gym.errors import ConfigError
+from ralis_gym.fileio import atomic_write, file_lock
 from ralis_gym.paths import user_cache_dir
 from ralis_gym.segmentation import build_segmenter
 from ralis_gym.segmentation.base import Segmenter
@@ -188,35 +189,34 @@ def pretrain_start_network(
     }  # fmt: skip
     key = _config_key(payload)
     path = start_network_path(dataset.info.name, kind, name, key, cache_dir)
-    if path.exists() and not force:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        seg.load_model_state(ckpt["model_state"])
-        seg.reset_optimizer()
-        return seg, ckpt["meta"]
-    if parent_meta is not None:
-        parent = torch.load(parent_meta["path"], map_location="cpu", weights_only=False)
-        seg.load_model_state(parent["model_state"])
-        seg.reset_optimizer()
-    train_split = union_split(dataset, spec.train_roles)
-    val_split = dataset.split("d_r")
-    t0 = time.perf_counter()
-    result = train_until_plateau(
-        seg, lambda: seg.fit_images(train_split), val_split, max_epochs, patience,
-        progress=progress, desc=f"pretrain {kind}/{name}",
-    )  # fmt: skip
-    meta: dict[str, Any] = {
-        "key": key, "path": str(path), "name": name, "kind": kind, "dataset": dataset.info.name,
-        "description": spec.description, "train_images": len(train_split), "seed": seed,
-        "d_r_miou": result["best_miou"], "best_epoch": result["best_epoch"], "epochs": result["epochs"],
-        "history": result["history"], "train_seconds": time.perf_counter() - t0,
-    }  # fmt: skip
-    if evaluate_test:
-        test = seg.evaluate(dataset.split("test"))
-        meta["test_miou"] = test.miou
-        meta["test_per_class_iou"] = test.to_dict(dataset.info.class_names)["per_class_iou"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model_state": seg.model_state(), "meta": meta}, tmp)
-    tmp.replace(path)
+    # One process trains a given network; others that need it meanwhile wait here, then load it.
+    with file_lock(path):
+        if path.exists() and not force:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            seg.load_model_state(ckpt["model_state"])
+            seg.reset_optimizer()
+            return seg, ckpt["meta"]
+        if parent_meta is not None:
+            parent = torch.load(parent_meta["path"], map_location="cpu", weights_only=False)
+            seg.load_model_state(parent["model_state"])
+            seg.reset_optimizer()
+        train_split = union_split(dataset, spec.train_roles)
+        val_split = dataset.split("d_r")
+        t0 = time.perf_counter()
+        result = train_until_plateau(
+            seg, lambda: seg.fit_images(train_split), val_split, max_epochs, patience,
+            progress=progress, desc=f"pretrain {kind}/{name}",
+        )  # fmt: skip
+        meta: dict[str, Any] = {
+            "key": key, "path": str(path), "name": name, "kind": kind, "dataset": dataset.info.name,
+            "description": spec.description, "train_images": len(train_split), "seed": seed,
+            "d_r_miou": result["best_miou"], "best_epoch": result["best_epoch"], "epochs": result["epochs"],
+            "history": result["history"], "train_seconds": time.perf_counter() - t0,
+        }  # fmt: skip
+        if evaluate_test:
+            test = seg.evaluate(dataset.split("test"))
+            meta["test_miou"] = test.miou
+            meta["test_per_class_iou"] = test.to_dict(dataset.info.class_names)["per_class_iou"]
+        atomic_write(path, lambda f: torch.save({"model_state": seg.model_state(), "meta": meta}, f))
     seg.reset_optimizer()
     return seg, meta
