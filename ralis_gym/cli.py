@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ralis_gym.errors import ConfigError, RalisGymError
 from ralis_gym.methods import METHODS
@@ -236,7 +237,105 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML of environment settings (RegionALEnv.default_config() keys) over these")  # fmt: skip
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
     p.set_defaults(func=cmd_run)
+    add_label_subcommand(sub)
     return parser
+
+
+LABEL_HELP = """\
+The labeling loop on your own images: `init` a project, `suggest` the regions to annotate next,
+annotate them in Label Studio or CVAT (the round folder holds their import files), `import` the
+results, `train`, and repeat; `status` shows the rounds, the class balance and the validation curve."""
+
+
+def add_label_subcommand(sub: Any) -> None:
+    from ralis_gym.labeling.project import STRATEGIES
+
+    p = sub.add_parser("label", help="the labeling loop for annotation teams", description=LABEL_HELP)
+    lsub = p.add_subparsers(dest="label_command", required=True, metavar="STEP")
+    q = lsub.add_parser("init", help="create a labeling project over a folder of images")
+    q.add_argument("project", help="the project folder to create")
+    q.add_argument("--images", required=True, help="folder of the images to label")
+    q.add_argument("--config", required=True,
+                   help="dataset YAML: class_names, region_size, optional ignore_index, image_size, palette")  # fmt: skip
+    q.add_argument(
+        "--start", default=None, help="fast-model checkpoint to suggest with before the first train"
+    )
+    q = lsub.add_parser("suggest", help="request the next regions to annotate and write the round's files")
+    q.add_argument("project")
+    q.add_argument("--budget", type=int, required=True, help="regions to request")
+    q.add_argument("--strategy", default="entropy", choices=list(STRATEGIES), help="default: entropy")
+    q.add_argument("--policy", default=None, help="RalisDQN .zip for --strategy ralis")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--image-url", default=None,
+                   help="URL prefix of the images in the Label Studio tasks (default: local files)")  # fmt: skip
+    q = lsub.add_parser("import", help="record annotations (Label Studio JSON, CVAT XML, PNG masks)")
+    q.add_argument("project")
+    q.add_argument("--from", dest="source", required=True, help="export file or folder of PNG masks")
+    q.add_argument(
+        "--format", default=None, choices=["label-studio", "cvat", "png"], help="default: from the path"
+    )
+    q.add_argument("--validation", action="store_true", help="whole images held out for validation")
+    q.add_argument("--annotator", default=None, help="who labeled them (recorded)")
+    q = lsub.add_parser("train", help="fine-tune the model on every labeled region")
+    q.add_argument("project")
+    q.add_argument("--max-epochs", type=int, default=60)
+    q.add_argument("--patience", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q = lsub.add_parser("status", help="rounds, labeled fraction, class balance, validation curve")
+    q.add_argument("project")
+    p.set_defaults(func=cmd_label)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from ralis_gym.labeling import LabelingProject
+
+    step = args.label_command
+    if step == "init":
+        with LabelingProject.init(args.project, args.images, args.config, start=args.start) as proj:
+            n = len(proj.image_names())
+            print(f"project {proj.folder}: {n} images, {n * proj.grid.per_image} regions of "
+                  f"{proj.info.region_size[0]}x{proj.info.region_size[1]}, classes {', '.join(proj.info.class_names)}")  # fmt: skip
+        return 0
+    with LabelingProject(args.project) as proj:
+        if step == "suggest":
+            out = proj.suggest(
+                args.budget, args.strategy, policy=args.policy, seed=args.seed, image_url=args.image_url
+            )
+            print(f"round {out['round']}: {out['regions']} regions ({out['strategy']}) -> {out['folder']}")
+        elif step == "import":
+            out = proj.import_annotations(
+                args.source, args.format, validation=args.validation, annotator=args.annotator
+            )
+            print(f"import {out['import']} ({out['format']}): {out['regions']} regions labeled; "
+                  f"{out['requested_regions_left_empty']} requested regions came back empty, "
+                  f"{out['pixels_outside_requests']} pixels outside requested regions dropped")  # fmt: skip
+        elif step == "train":
+            out = proj.train(args.max_epochs, args.patience, seed=args.seed, progress=True)
+            val = (
+                "no validation images"
+                if out["val_miou"] is None
+                else f"validation mIoU {100 * out['val_miou']:.2f}%"
+            )
+            print(
+                f"model {out['model']}: {out['labeled_regions']} labeled regions, {out['epochs']} epochs, {val}"
+            )
+        else:
+            st = proj.status()
+            print(f"{st['project']}: {st['labeled_regions']}/{st['pool_regions']} pool regions labeled "
+                  f"({100 * st['labeled_fraction']:.1f}%), {st['validation_images']} validation images")  # fmt: skip
+            for r in st["rounds"]:
+                print(
+                    f"  round {r['round']} ({r['strategy']}, {r['created_at']}): {r['labeled']}/{r['requested']} labeled"
+                )
+            for m in st["models"]:
+                val = "" if m["val_miou"] is None else f", validation mIoU {100 * m['val_miou']:.2f}%"
+                print(f"  model {m['model']}: {m['labeled_regions']} regions{val}")
+            total = max(sum(st["class_pixels"].values()), 1)
+            print(
+                "  labels: " + ", ".join(f"{c} {100 * n / total:.1f}%" for c, n in st["class_pixels"].items())
+            )
+            print(f"  plot: {st['plot']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from ralis_gym.segmentation.pretrain import (
     train_until_plateau,
     union_split,
 )
-from ralis_gym.segmentation.uncertainty import pixel_bald, pixel_class_rarity, pixel_entropy, pixel_margin
+from ralis_gym.segmentation.uncertainty import LABEL_FREE_SCORES, region_means, region_scores
 
 #: Per-dataset protocol numbers of the reference scripts (spec §3.1): K, N by mode, budget by mode.
 DATASET_PROTOCOL: dict[str, dict[str, Any]] = {
@@ -122,6 +122,21 @@ class RegionALEnv(gym.Env):
     ``oracle_set`` (whose labels the ``oracle`` reference reads: ``"evaluation"``, the set the
     episode is scored on, D_R in train mode and test in test mode; ``"reward"``; ``"held_out"``,
     the other pool), ``subset`` (image limits per role for tiny configs).
+
+    ## Vectorized environments
+    Every registered id runs in subprocesses: ``gym.make_vec(id, num_envs, vectorization_mode="async")``
+    with any start method (the pickled spec's entry point imports ``ralis_gym`` in the worker), and
+    SB3's ``make_vec_env(id, n_envs, vec_env_cls=SubprocVecEnv, env_kwargs=...)``. The keyword
+    arguments are plain data, so they pickle; each copy builds its own dataset view, network and
+    generators, and ``reset(seed=s + i)`` (what both vector APIs pass) makes copy ``i`` repeat
+    exactly. SB3 re-creates the env from its *id* in the worker; a worker started fresh
+    (``forkserver``, SB3's default on Linux, or ``spawn``) re-imports the main script, so a script
+    that imports ``ralis_gym`` works with every start method (tested). Where the main module does
+    not import it (a notebook, pytest), pass ``"ralis_gym:RegionAL-..."`` (Gymnasium then imports
+    the module) or ``start_method="fork"``; a forked worker cannot use CUDA once the parent has, so
+    fork with ``device="cpu"`` or before touching the GPU. Use one torch thread per worker (``OMP_NUM_THREADS=1``, inherited). The
+    heuristic agents accept a vectorized env and reach ``score_candidates`` through ``env_method``
+    / ``call`` (``agents.heuristics``).
 
     ## Version History
     - v0: initial version.
@@ -581,36 +596,23 @@ class RegionALEnv(gym.Env):
                     "'oracle_loss' works with every model"
                 )
             direction = seg.classifier_gradient(self.oracle_split)
-        # Region means are taken on the model's native output grid, a chunk of images at a time:
-        # T x B x C x H x W MC-dropout tensors of a whole pool would not fit in memory.
-        per_image, step = [], max(1, seg.default_batch_size())
-        for start in range(0, images.size, step):
-            chunk = images[start : start + step]
-            if heuristic == "bald":
-                maps = pixel_bald(seg.native_proba(self.pool_split, chunk, passes=mc_passes))
-            elif heuristic == "oracle":
-                maps = seg.gradient_alignment_maps(self.pool_split, chunk, direction)
-            elif heuristic == "oracle_loss":
-                maps = seg.loss_maps(self.pool_split, chunk)
-            else:
-                probs = seg.native_proba(self.pool_split, chunk)
-                if heuristic == "entropy":
-                    maps = pixel_entropy(probs)
-                elif heuristic == "margin":
-                    maps = pixel_margin(probs)
-                else:  # class_balance: per-class region means, combined once all frequencies are known
-                    maps = probs
-            h, w = maps.shape[-2:]
-            view = maps.reshape(*maps.shape[:-2], rows, h // rows, cols, w // cols)
-            per_image.append(view.mean(dim=(-3, -1)).double())  # [B, (C,) rows, cols]
-        means = torch.cat(per_image)
-        if heuristic == "class_balance":
-            area = self.grid.region_size[0] * self.grid.region_size[1]
-            predicted = means.sum(dim=(0, 2, 3)) * area  # expected predicted pixels per class
-            labeled = torch.as_tensor(
-                self.pool.class_pixels[:-1], dtype=torch.float64, device=predicted.device
+        if heuristic in LABEL_FREE_SCORES:
+            means = region_scores(
+                seg, self.pool_split, images, rows, cols, heuristic, self.pool.class_pixels, mc_passes
             )
-            means = pixel_class_rarity(means, labeled + predicted)
+        elif heuristic == "oracle":
+            means = region_means(
+                lambda chunk: seg.gradient_alignment_maps(self.pool_split, chunk, direction),
+                images, rows, cols, seg.default_batch_size(),
+            )  # fmt: skip
+        else:  # oracle_loss
+            means = region_means(
+                lambda chunk: seg.loss_maps(self.pool_split, chunk),
+                images,
+                rows,
+                cols,
+                seg.default_batch_size(),
+            )
         idx = [torch.as_tensor(a, device=means.device) for a in (slot, row, col)]
         scores[mask] = means[idx[0], idx[1], idx[2]].cpu().numpy()
         return scores
