@@ -1,6 +1,7 @@
-"""A real Label Studio round trip: project from ``label_studio_config``, tasks from
-``label_studio_tasks`` (images served by Label Studio's local-files storage), annotations created
-through the API from CamVid ground truth, the JSON export parsed by ``parse_label_studio_export``.
+"""A real Label Studio round trip of a labeling project: ``ralis-gym label suggest`` writes the round's
+tasks and labeling config, Label Studio imports them (images served by its local-files storage),
+annotations are created through its API from CamVid ground truth, and its JSON export is imported
+back with ``ralis-gym label import``.
 
 Label Studio pins many packages, so it lives in its own virtualenv: set ``RALIS_GYM_LABEL_STUDIO`` to
 its ``label-studio`` executable (``.ci/run`` does). Without it the test is skipped. The server runs on
@@ -26,7 +27,9 @@ import cv2
 import numpy as np
 import pytest
 
+from ralis_gym.cli import main as cli
 from ralis_gym.data.camvid import CAMVID_CLASSES
+from ralis_gym.labeling import LabelingProject
 from ralis_gym.labeling import formats as F
 
 pytestmark = pytest.mark.slow
@@ -196,22 +199,29 @@ def brush_result(rle: list[int], cls: int, rid: str) -> dict:
 def test_label_studio_round_trip(label_studio, camvid_root, tmp_path):
     client, docroot, info = label_studio
     gt = {n: cv2.imread(str(camvid_root / "camvid" / "trainannot" / n), cv2.IMREAD_UNCHANGED) for n in IMAGES}
-    rng = np.random.default_rng(11)
-    requests_ = []
-    for name in IMAGES:
-        cells = rng.choice(24, size=4, replace=False)
-        regions = [
-            {"id": f"{name}:{c // 6}:{c % 6}", "box": [int(c % 6) * RW, int(c // 6) * RH, RW, RH]}
-            for c in cells
-        ]
-        requests_.append({"image": name, "width": W, "height": H, "regions": regions})
-    # model pre-annotations that are wrong on purpose: the export must not be read from predictions
-    wrong = {n: ((g.astype(np.int64) + 1) % len(CLASSES)).astype(np.uint8) for n, g in gt.items()}
+    # A labeling project over the images Label Studio serves; its first round's files are the input.
+    config = tmp_path / "camvid.yaml"
+    config.write_text(json.dumps({"class_names": CLASSES, "ignore_index": IGNORE, "region_size": [RW, RH]}))
+    proj_dir = tmp_path / "project"
+    assert (
+        cli(["label", "init", str(proj_dir), "--images", str(docroot / "images"), "--config", str(config)])
+        == 0
+    )
+    assert (
+        cli(["label", "suggest", str(proj_dir), "--budget", str(4 * len(IMAGES)), "--strategy", "random"])
+        == 0
+    )
+    round_dir = proj_dir / "rounds" / "round-001"
+    tasks = json.loads((round_dir / "label-studio-tasks.json").read_text())
+    requested = {t["data"]["name"]: t["data"]["regions"] for t in tasks}
 
     project = client.call(
         "POST",
         "/api/projects",
-        {"title": "ralis-gym round trip", "label_config": F.label_studio_config(CLASSES)},
+        {
+            "title": "ralis-gym round trip",
+            "label_config": (round_dir / "label-studio-config.xml").read_text(),
+        },
     )
     pid = project["id"]
     storage = client.call(
@@ -219,15 +229,12 @@ def test_label_studio_round_trip(label_studio, camvid_root, tmp_path):
         {"project": pid, "title": "images", "path": str(docroot / "images"), "use_blob_urls": True},
     )  # fmt: skip
     assert storage["path"] == str(docroot / "images")
-    tasks = F.label_studio_tasks(
-        requests_, CLASSES, lambda n: f"/data/local-files/?d=images/{n}", predictions=wrong
-    )
     imported = client.call("POST", f"/api/projects/{pid}/import", tasks)
-    assert imported["task_count"] == len(IMAGES) and imported["prediction_count"] == len(IMAGES), imported
+    assert imported["task_count"] == len(tasks) and imported["prediction_count"] == len(tasks), imported
     listed = client.call("GET", f"/api/tasks?project={pid}&page_size=100")
     listed = listed["tasks"] if isinstance(listed, dict) else listed
     by_name = {t["data"]["name"]: t for t in listed}
-    assert set(by_name) == set(IMAGES)
+    assert set(by_name) == set(requested)
 
     # Label Studio serves the images to the editor through its local-files storage
     first = by_name[IMAGES[0]]
@@ -236,7 +243,7 @@ def test_label_studio_round_trip(label_studio, camvid_root, tmp_path):
 
     palette = [tuple(int(h[i : i + 2], 16) for i in (1, 3, 5)) for h in F.class_colors(CLASSES)]
     expected = {}
-    for k, name in enumerate(IMAGES):
+    for k, name in enumerate(sorted(requested)):
         task = by_name[name]
         inside = np.zeros((H, W), dtype=bool)
         for reg in task["data"]["regions"]:  # the boxes as Label Studio kept them in the task data
@@ -264,14 +271,25 @@ def test_label_studio_round_trip(label_studio, camvid_root, tmp_path):
         "GET", f"/api/projects/{pid}/export?exportType=JSON&download_all_tasks=true", raw=True
     )
     data = json.loads(export)
-    assert len(data) == len(IMAGES)
-    assert sum(len(t["annotations"]) for t in data) == 2 * len(IMAGES) + 1
-    for t in data:
-        assert t["data"]["regions"] == next(
-            r["regions"] for r in requests_ if r["image"] == t["data"]["name"]
-        )
+    assert len(data) == len(requested)
+    assert sum(len(t["annotations"]) for t in data) == 2 * len(requested) + 1
+    for t in data:  # the region ids and boxes came back in the task data
+        assert t["data"]["regions"] == requested[t["data"]["name"]]
     maps = F.parse_label_studio_export(data, CLASSES, {n: (W, H) for n in IMAGES}, IGNORE)
-    assert set(maps) == set(IMAGES)
-    for name in IMAGES:
+    assert set(maps) == set(requested)
+    for name in requested:
         np.testing.assert_array_equal(maps[name], expected[name], err_msg=name)
+    # ... and the export imported back into the project: exactly the requested regions, labeled.
+    path = tmp_path / "export.json"
+    path.write_bytes(export)
+    assert cli(["label", "import", str(proj_dir), "--from", str(path), "--annotator", "ls"]) == 0
+    with LabelingProject(proj_dir) as proj:
+        split, mask = proj.split("pool")
+        assert int(mask.sum()) == sum(
+            bool((expected[n][r["box"][1] : r["box"][1] + RH, r["box"][0] : r["box"][0] + RW] != IGNORE).any())
+            for n, regs in requested.items() for r in regs
+        )  # fmt: skip
+        for i, name in enumerate(split.image_names):
+            want = expected.get(name, np.full((H, W), IGNORE, np.uint8))
+            np.testing.assert_array_equal(split.labels[i], want, err_msg=name)
     print(f"label-studio answered after {info['start_seconds']:.1f} s; annotation RLEs by {encoder}")
