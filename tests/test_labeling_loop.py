@@ -315,3 +315,23 @@ def test_killed_import_leaves_the_project_consistent(suggested, tmp_path):
     assert final.returncode == 0, final.stderr
     labels, imports, requests = _counts(project)
     assert imports == before[1] + 1 and labels > before[0] and requests == before[2]
+
+
+def test_suggest_with_a_trained_ralis_policy(camvid_images, tmp_path):
+    """``--strategy ralis``: the committed RALIS policy scores every open region with the paper's
+    features; its requests are distinct regions ranked by the policy's Q-values, a later round never
+    requests them again, and without a policy file the strategy is refused."""
+    work, images, truth, names = camvid_images
+    policy = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "ralis-camvid-fast.zip"
+    with LabelingProject.init(tmp_path / "p", images, work / "camvid.yaml") as proj:
+        out = proj.suggest(10, "ralis", policy=policy, overlays=False)
+        queue = json.loads((Path(out["folder"]) / "suggestions.json").read_text())
+        assert out["regions"] == 10 and len({q["region_id"] for q in queue}) == 10
+        scores = [q["score"] for q in queue]
+        assert np.isfinite(scores).all() and scores == sorted(scores, reverse=True)
+        ent = proj.suggest(10, "entropy", overlays=False)
+        ent_ids = {q["region_id"] for q in json.loads((Path(ent["folder"]) / "suggestions.json").read_text())}
+        assert not ent_ids & {q["region_id"] for q in queue}  # never requested twice
+    with pytest.raises(Exception, match="needs a trained policy"):
+        with LabelingProject(tmp_path / "p") as proj:
+            proj.suggest(3, "ralis")
