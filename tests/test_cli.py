@@ -53,6 +53,7 @@ def test_run_drives_the_environment_with_every_requested_agent(camvid_root, tmp_
     [
         (["--budget", "-5"], "must be positive"),
         (["--num-pools", "0"], "must be positive"),
+        (["--threads", "0"], "must be positive"),
         (["--strategies", "coreset"], "invalid choice"),
     ],
 )
