@@ -353,11 +353,12 @@ class LabelingProject:
         names = list(split.image_names)
         ids = {n: i for n, i in self.db.execute("SELECT name, id FROM images")}
         requested = np.zeros_like(labeled)
+        slot = {n: i for i, n in enumerate(names)}
         for name, r, c in self.db.execute(
             "SELECT images.name, row, col FROM requests JOIN images ON images.id = requests.image_id"
         ):
-            if name in ids and name in names:
-                requested[names.index(name), r, c] = True
+            if name in slot:
+                requested[slot[name], r, c] = True
         open_ = ~labeled & ~requested
         if not open_.any():
             raise ProjectError("every region of the pool is labeled or already requested")
@@ -504,6 +505,9 @@ class LabelingProject:
             for i, r, c in self.db.execute("SELECT image_id, row, col FROM requests")
             if (i, r, c) not in labeled
         }
+        pending_by_image: dict[int, list[tuple[int, int]]] = {}
+        for i, r, c in pending:
+            pending_by_image.setdefault(i, []).append((r, c))
         rw, rh = self.info.region_size
         rows_out, dropped, empty = [], 0, 0
         for name, lab in sorted(maps.items()):
@@ -539,17 +543,14 @@ class LabelingProject:
                         f"{source}: region {name} box {[c * rw, r * rh, rw, rh]} is already labeled "
                         "(a duplicate import?); nothing written"
                     )
-                if not any(
-                    (i, r, c) in pending for r in range(self.grid.rows) for c in range(self.grid.cols)
-                ):
+                requested_here = np.zeros_like(painted)
+                for r, c in pending_by_image.get(i, ()):
+                    requested_here[r, c] = True
+                if not requested_here.any():
                     raise ProjectError(
                         f"{source}: none of the regions of image {name!r} was requested; nothing written "
                         "(suggest first, or import whole images with --validation)"
                     )
-                requested_here = np.zeros_like(painted)
-                for ii, r, c in pending:
-                    if ii == i:
-                        requested_here[r, c] = True
                 dropped += int((patches != ignore).sum(axis=(2, 3))[~requested_here].sum())
                 empty += int((requested_here & ~painted).sum())
                 cells = wanted
