@@ -306,7 +306,10 @@ def run_ray(
     failed: list[str] = []
     try:
         while live:
-            (gen,), _ = ray.wait(list(live), num_returns=1)
+            ready, _ = ray.wait(list(live), num_returns=1, timeout=1.0)  # a timeout lets Ctrl-C through
+            if not ready:
+                continue
+            gen = ready[0]
             method, seed, attempt = live[gen]
             try:
                 row = ray.get(next(gen))
