@@ -376,10 +376,13 @@ class LabelingProject:
                 scores = scores.cpu().numpy()
             else:
                 scores = self._ralis_scores(seg, split, policy)
-            pred = seg.predict(split, idx)  # [I, H, W] for predicted classes and pre-annotations
         scores = np.where(open_, scores, -np.inf)
         order = np.argsort(-scores, axis=None, kind="stable")[: min(budget, int(open_.sum()))]
         image, row, col = np.unravel_index(order, open_.shape)
+        # Predicted classes and pre-annotations are needed for the requested images only.
+        wanted = np.unique(image)
+        pred = np.zeros((len(names), *split.labels.shape[1:]), dtype=np.uint8)
+        pred[wanted] = seg.predict(split, wanted)
         folder = self.folder / "rounds" / f"round-{n_round:03d}"
         rw, rh = self.info.region_size
         queue = []
