@@ -85,7 +85,7 @@ def test_random_agent_respects_masks_and_seed():
         make_heuristic_agent("coreset")
 
 
-def _env_after_one_step(camvid_root, seed: int, pools: int, per_pool: int, subset: dict):
+def _env_after_one_step(camvid_root, seed: int, pools: int, per_pool: int, subset: dict, **kwargs):
     """A tiny fast-model env (scratch start) after one step: something is labeled and trained."""
     import gymnasium as gym
 
@@ -93,7 +93,7 @@ def _env_after_one_step(camvid_root, seed: int, pools: int, per_pool: int, subse
 
     env = gym.make(
         "RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), start_network="scratch", num_pools=pools,
-        regions_per_pool=per_pool, budget=2 * pools, subset={**subset, "state": 1},
+        regions_per_pool=per_pool, budget=2 * pools, subset={**subset, "state": 1}, **kwargs,
     )  # fmt: skip
     env.reset(seed=seed)
     env.step(np.zeros(pools, dtype=np.int64))
@@ -196,3 +196,46 @@ def test_oracle_is_the_first_order_decrease_of_the_evaluation_loss(camvid_root):
     assert np.allclose(scores[pools.mask], expected, rtol=1e-4, atol=1e-7)
     assert np.isneginf(scores[~pools.mask]).all()
     assert np.ptp(expected) > 0  # the candidates differ, so the test can fail
+
+
+def test_head_oracle_is_the_first_order_decrease_through_every_head_parameter(camvid_root):
+    """``oracle_gradient="head"``: the same inner product as the classifier oracle, with the gradients
+    taken w.r.t. every head parameter (forward-mode JVP in the model). Brute force: autograd through
+    the whole head (eval mode), one region at a time, full-resolution pixels."""
+    import torch.nn.functional as F
+
+    base = _env_after_one_step(
+        camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3}, oracle_gradient="head"
+    )
+    seg, grid, pools = base.segmenter, base.grid, base._pools
+    scores = base.score_candidates("oracle")
+    weight = seg.head.class_weights
+    ignore = base.info_.ignore_index
+    params = [p for p in seg.head.parameters()]
+    seg.head.eval()
+
+    def pixel_losses(split, idx):
+        logits = seg.head(seg._inputs(split, idx), seg._positions, seg.rows, seg.cols)
+        logits = F.interpolate(logits, scale_factor=seg.stride, mode="nearest")
+        labels = torch.from_numpy(np.asarray(split.labels[idx])).long()
+        loss = F.nll_loss(
+            F.log_softmax(logits, 1), labels, weight=weight, ignore_index=ignore, reduction="none"
+        )
+        valid = labels != ignore
+        return loss, torch.where(valid, weight[labels.clamp(max=len(weight) - 1)], torch.zeros(()))
+
+    held = base.oracle_split
+    loss, pw = pixel_losses(held, np.arange(len(held)))
+    g_eval = torch.autograd.grad(loss.sum() / pw.sum(), params)
+    image, row, col = grid.split_ids(pools.region_ids[pools.mask])
+    rh, rw = grid.region_size[1], grid.region_size[0]
+    expected = []
+    for i, r, c in zip(image, row, col):
+        loss, _ = pixel_losses(base.pool_split, np.array([i]))
+        g = torch.autograd.grad(loss[0, r * rh : (r + 1) * rh, c * rw : (c + 1) * rw].mean(), params)
+        expected.append(float(sum((a * b).sum() for a, b in zip(g, g_eval))))
+    assert np.allclose(scores[pools.mask], expected, rtol=1e-3, atol=1e-6)
+    classifier = _env_after_one_step(
+        camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3}
+    )
+    assert not np.allclose(classifier.score_candidates("oracle")[pools.mask], expected, rtol=1e-2)

@@ -181,6 +181,9 @@ class RegionALEnv(gym.Env):
             # scored on: D_R in train mode, the test split in test mode), "reward" (D_R) or "held_out"
             # (the other pool, D_V in train mode and D_T in test mode, as many images as D_R).
             "oracle_set": "evaluation",
+            # The ``oracle``'s gradients: "classifier" (the classifier layer) or "head" (every head
+            # parameter, one forward-mode pass; not better on test, 2 seeds: BENCHMARKS.md §1).
+            "oracle_gradient": "classifier",
             "lr_decay_steps_per_step": 2,
             # Final training (``evaluate``): until D_R mIoU has not improved for ``patience`` epochs, on the
             # acquired regions plus, with ``include_start_data``, the labeled images the start network
@@ -213,6 +216,10 @@ class RegionALEnv(gym.Env):
             raise ConfigError(f"replay_regions must be >= 0, got {cfg['replay_regions']}")
         if cfg["oracle_set"] not in ORACLE_SETS:
             raise ConfigError(f"oracle_set must be one of {ORACLE_SETS}, got {cfg['oracle_set']!r}")
+        if cfg["oracle_gradient"] not in ("classifier", "head"):
+            raise ConfigError(
+                f"oracle_gradient must be 'classifier' or 'head', got {cfg['oracle_gradient']!r}"
+            )
         if cfg["first_reward"] not in ("difference", "absolute"):
             raise ConfigError(f"first_reward must be 'difference' or 'absolute', got {cfg['first_reward']!r}")
 
@@ -556,7 +563,9 @@ class RegionALEnv(gym.Env):
         ``oracle_split`` (D_R in train mode, the test split in test mode) and scores a region by the
         first-order decrease of that set's loss that a gradient step on the region's loss would
         bring: the inner product of the two losses' gradients with respect to the classifier layer
-        (``FastSegmenter.gradient_alignment_maps``; one forward of ``oracle_split`` per call).
+        (``FastSegmenter.gradient_alignment_maps``; one forward of ``oracle_split`` per call), or
+        with ``oracle_gradient="head"`` with respect to every head parameter
+        (``FastSegmenter.head_alignment_maps``, a forward-mode JVP along the set's head gradient).
         ``oracle_loss`` scores the network's current class-weighted loss on the region
         (``Segmenter.loss_maps``); ``oracle_rarity`` the true pixels' rarity ``-log pi_c`` (void 0),
         ``pi`` from the labeled pixels plus the candidates' true pixels (class_balance given the truth).
@@ -595,14 +604,21 @@ class RegionALEnv(gym.Env):
                     f"method 'oracle' needs the fast model (model: fast), not {seg.kind!r}; "
                     "'oracle_loss' works with every model"
                 )
-            direction = seg.classifier_gradient(self.oracle_split)
+            if self.config["oracle_gradient"] == "head":
+                direction = seg.head_gradient(self.oracle_split)
+            else:
+                direction = seg.classifier_gradient(self.oracle_split)
         if heuristic in LABEL_FREE_SCORES:
             means = region_scores(
                 seg, self.pool_split, images, rows, cols, heuristic, self.pool.class_pixels, mc_passes
             )
         elif heuristic == "oracle":
             means = region_means(
-                lambda chunk: seg.gradient_alignment_maps(self.pool_split, chunk, direction),
+                lambda chunk: (
+                    seg.head_alignment_maps(self.pool_split, chunk, direction)
+                    if self.config["oracle_gradient"] == "head"
+                    else seg.gradient_alignment_maps(self.pool_split, chunk, direction)
+                ),
                 images, rows, cols, seg.default_batch_size(),
             )  # fmt: skip
         else:  # oracle_loss

@@ -234,6 +234,10 @@ class GridHead(nn.Module):
             h = block.forward_cells_last(h)
         return h.permute(0, 3, 1, 2)
 
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """Logits ``[B, C, rows, cols]`` of features ``x [B, cells, D]`` (no dropout)."""
+        return self.classify(self.trunk(x, positions, rows, cols))
+
     def classify(self, h: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, C, rows, cols]`` (a channels-last view); ``drop_mask`` is an already scaled
         keep mask of ``h``'s shape, or None."""
@@ -277,7 +281,7 @@ class FastSegmenter(Segmenter):
         device: where the head runs (features stay cached on the CPU).
         seed: seeds ``self.generator``, the only source of randomness (init, shuffling, dropout).
         stride: cell size in pixels; must divide the region size (default ``default_stride``).
-        width: channels of the head.
+        width: channels of the head (48 is the candidate next default: 0.79x the step time, BENCHMARKS.md §4).
         dilations: one residual context block per entry (3x3 conv with that dilation; 0 = 1x1).
         separable: depthwise + pointwise 3x3 convolutions (cheap) instead of full ones.
         norm: BatchNorm in the head (batch statistics in training, running statistics at inference).
@@ -705,6 +709,59 @@ class FastSegmenter(Segmenter):
         direction = direction.to(self.device, torch.float32)
         u = h @ direction[:, :-1].T + direction[:, -1]  # [B, cells, C]
         maps = (a * u).sum(-1) / float(self.stride**2)
+        return maps.view(idx.size, self.rows, self.cols)
+
+    def head_gradient(
+        self, split: SegmentationSplit, indices: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Gradient of the mean class-weighted cross-entropy over all labeled pixels of some images
+        (all of ``split`` by default) w.r.t. every trainable parameter of the head (eval mode: running
+        batch-norm statistics, no dropout), as ``{name: tensor}``."""
+        idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+        params = dict(self.head.named_parameters())
+        grad = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
+        hist = self.targets(split)
+        self.head.eval()
+        for start in range(0, idx.size, self.eval_batch_size):
+            b = idx[start : start + self.eval_batch_size]
+            y = hist[torch.from_numpy(b)].to(self.device, torch.float32) * self.head.class_weights
+            with torch.enable_grad():
+                h = self.head.trunk(self._inputs(split, b), self._positions, self.rows, self.cols)
+                logp = F.log_softmax(self.head.classify(h).flatten(2).transpose(1, 2), dim=-1)
+                parts = torch.autograd.grad(-(y * logp).sum(), list(params.values()))
+            for k, g in zip(params, parts):
+                grad[k] += g.double()
+        counts = hist[torch.from_numpy(idx)].sum((0, 1)).double()
+        total = max(float(counts @ self.head.class_weights.double().cpu()), 1e-12)
+        return {k: (g / total).float() for k, g in grad.items()}
+
+    @torch.no_grad()
+    def head_alignment_maps(
+        self, split: SegmentationSplit, indices: np.ndarray, direction: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``<d loss_cell / d head, direction> / cell area`` per cell, ``[B, rows, cols]``: the
+        directional derivative of each cell's loss along ``direction`` (one forward-mode pass,
+        ``torch.func.jvp``), i.e. the inner product of the cell's full-head loss gradient with it."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        x = self._inputs(split, idx)
+        params = {k: v.detach() for k, v in self.head.named_parameters()}
+        buffers = dict(self.head.named_buffers())
+        tangents = {k: direction[k].to(self.device, torch.float32) for k in params}
+        self.head.eval()
+
+        def logits_of(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.func.functional_call(
+                self.head, {**p, **buffers}, (x, self._positions, self.rows, self.cols)
+            )
+
+        logits, dlogits = torch.func.jvp(logits_of, (params,), (tangents,))
+        p = torch.softmax(logits, dim=1).flatten(2).transpose(1, 2)
+        y = (
+            self.targets(split)[torch.from_numpy(idx)].to(self.device, torch.float32)
+            * self.head.class_weights
+        )
+        a = y.sum(-1, keepdim=True) * p - y
+        maps = (a * dlogits.flatten(2).transpose(1, 2)).sum(-1) / float(self.stride**2)
         return maps.view(idx.size, self.rows, self.cols)
 
     def pixel_loss(self, split: SegmentationSplit, indices: np.ndarray, labeled: np.ndarray) -> float:
