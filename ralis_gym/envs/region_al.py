@@ -59,6 +59,8 @@ DATASET_PROTOCOL: dict[str, dict[str, Any]] = {
 MODE_POOL = {"train": "d_t", "test": "d_v"}
 #: what the ``oracle`` may read (``oracle_set``): the set an episode is scored on, D_R, or a held-out set
 ORACLE_SETS = ("evaluation", "reward", "held_out")
+#: which parameters the ``oracle``'s gradients are taken over (``oracle_gradient``)
+ORACLE_GRADIENTS = ("classifier", "head")
 TRAIN_REGIONS = ("last", "all", "replay")
 MODE_START = {"train": "source", "test": "source"}
 KL_FEATURES = 64
@@ -182,7 +184,7 @@ class RegionALEnv(gym.Env):
             # (the other pool, D_V in train mode and D_T in test mode, as many images as D_R).
             "oracle_set": "evaluation",
             # The ``oracle``'s gradients: "classifier" (the classifier layer) or "head" (every head
-            # parameter, one forward-mode pass; not better on test, 2 seeds: BENCHMARKS.md §1).
+            # parameter, one forward-mode pass; not better on test, 2 seeds: BENCHMARKS.md §4).
             "oracle_gradient": "classifier",
             "lr_decay_steps_per_step": 2,
             # Final training (``evaluate``): until D_R mIoU has not improved for ``patience`` epochs, on the
@@ -216,9 +218,9 @@ class RegionALEnv(gym.Env):
             raise ConfigError(f"replay_regions must be >= 0, got {cfg['replay_regions']}")
         if cfg["oracle_set"] not in ORACLE_SETS:
             raise ConfigError(f"oracle_set must be one of {ORACLE_SETS}, got {cfg['oracle_set']!r}")
-        if cfg["oracle_gradient"] not in ("classifier", "head"):
+        if cfg["oracle_gradient"] not in ORACLE_GRADIENTS:
             raise ConfigError(
-                f"oracle_gradient must be 'classifier' or 'head', got {cfg['oracle_gradient']!r}"
+                f"oracle_gradient must be one of {ORACLE_GRADIENTS}, got {cfg['oracle_gradient']!r}"
             )
         if cfg["first_reward"] not in ("difference", "absolute"):
             raise ConfigError(f"first_reward must be 'difference' or 'absolute', got {cfg['first_reward']!r}")
@@ -605,20 +607,17 @@ class RegionALEnv(gym.Env):
                     "'oracle_loss' works with every model"
                 )
             if self.config["oracle_gradient"] == "head":
-                direction = seg.head_gradient(self.oracle_split)
+                gradient, alignment = seg.head_gradient, seg.head_alignment_maps
             else:
-                direction = seg.classifier_gradient(self.oracle_split)
+                gradient, alignment = seg.classifier_gradient, seg.gradient_alignment_maps
+            direction = gradient(self.oracle_split)
         if heuristic in LABEL_FREE_SCORES:
             means = region_scores(
                 seg, self.pool_split, images, rows, cols, heuristic, self.pool.class_pixels, mc_passes
             )
         elif heuristic == "oracle":
             means = region_means(
-                lambda chunk: (
-                    seg.head_alignment_maps(self.pool_split, chunk, direction)
-                    if self.config["oracle_gradient"] == "head"
-                    else seg.gradient_alignment_maps(self.pool_split, chunk, direction)
-                ),
+                lambda chunk: alignment(self.pool_split, chunk, direction),
                 images, rows, cols, seg.default_batch_size(),
             )  # fmt: skip
         else:  # oracle_loss

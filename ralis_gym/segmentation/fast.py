@@ -670,13 +670,24 @@ class FastSegmenter(Segmenter):
         and the classifier's input ``h [B, cells, width]``: the classifier's weight gradient of a
         set of cells is ``sum a (x) h`` and its bias gradient ``sum a`` (eval mode, no dropout)."""
         h = self._trunk(split, idx)
-        p = torch.softmax(self.head.classify(h), dim=1).flatten(2).transpose(1, 2)
+        return self._cell_logit_gradient(split, idx, self.head.classify(h)), h.flatten(2).transpose(1, 2)
+
+    def _cell_logit_gradient(
+        self, split: SegmentationSplit, idx: np.ndarray, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """``a [B, cells, C] = (sum_c w_c y_c) p - w * y``: per cell, the gradient of the class-weighted
+        cross-entropy summed over its labeled pixels w.r.t. its logits ``[B, C, rows, cols]``."""
+        p = torch.softmax(logits, dim=1).flatten(2).transpose(1, 2)
         y = (
             self.targets(split)[torch.from_numpy(idx)].to(self.device, torch.float32)
             * self.head.class_weights
         )
-        a = y.sum(-1, keepdim=True) * p - y
-        return a, h.flatten(2).transpose(1, 2)
+        return y.sum(-1, keepdim=True) * p - y
+
+    def _mean_loss_denominator(self, split: SegmentationSplit, idx: np.ndarray) -> float:
+        """Class-weighted count of the labeled pixels of some images (the mean loss's denominator)."""
+        counts = self.targets(split)[torch.from_numpy(idx)].sum((0, 1)).double()
+        return max(float(counts @ self.head.class_weights.double().cpu()), 1e-12)
 
     @torch.no_grad()
     def classifier_gradient(
@@ -690,9 +701,7 @@ class FastSegmenter(Segmenter):
             a, h = self._classifier_gradient_parts(split, idx[start : start + self.eval_batch_size])
             grad[:, :-1] += torch.einsum("bnc,bnw->cw", a, h).double()
             grad[:, -1] += a.sum((0, 1)).double()
-        counts = self.targets(split)[torch.from_numpy(idx)].sum((0, 1)).double()  # labeled pixels per class
-        total = float(counts @ self.head.class_weights.double().cpu())  # the mean's denominator
-        return (grad / max(total, 1e-12)).float()
+        return (grad / self._mean_loss_denominator(split, idx)).float()
 
     @torch.no_grad()
     def gradient_alignment_maps(
@@ -731,8 +740,7 @@ class FastSegmenter(Segmenter):
                 parts = torch.autograd.grad(-(y * logp).sum(), list(params.values()))
             for k, g in zip(params, parts):
                 grad[k] += g.double()
-        counts = hist[torch.from_numpy(idx)].sum((0, 1)).double()
-        total = max(float(counts @ self.head.class_weights.double().cpu()), 1e-12)
+        total = self._mean_loss_denominator(split, idx)
         return {k: (g / total).float() for k, g in grad.items()}
 
     @torch.no_grad()
@@ -755,12 +763,7 @@ class FastSegmenter(Segmenter):
             )
 
         logits, dlogits = torch.func.jvp(logits_of, (params,), (tangents,))
-        p = torch.softmax(logits, dim=1).flatten(2).transpose(1, 2)
-        y = (
-            self.targets(split)[torch.from_numpy(idx)].to(self.device, torch.float32)
-            * self.head.class_weights
-        )
-        a = y.sum(-1, keepdim=True) * p - y
+        a = self._cell_logit_gradient(split, idx, logits)
         maps = (a * dlogits.flatten(2).transpose(1, 2)).sum(-1) / float(self.stride**2)
         return maps.view(idx.size, self.rows, self.cols)
 
