@@ -147,7 +147,9 @@ def report(rows: list[dict]) -> None:
         cols = []
         for step in (0, last // 2, last):
             v = [100 * r["miou"] for r in mine if r["step"] == step]
-            cols.append(f"{np.mean(v):6.2f} ± {np.std(v):4.2f}")
+            cols.append(
+                f"{np.mean(v):6.2f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:4.2f}"
+            )  # sample std, as Welch t
         gain, base = returns(name, method), returns(name, "random")
         if base.size == 0:  # e.g. an oracle_set variant: random does not read it, same episodes
             base = returns(DEFAULT_VARIANT, "random")
@@ -157,7 +159,7 @@ def report(rows: list[dict]) -> None:
             diff, t = welch_t(gain, base)
             versus = f"{diff:+5.2f} (t={t:+5.2f})"
         secs = statistics.median(r["step_seconds"] for r in mine if r["step"] > 0)
-        print(f"{name:>16} {method:>13} | {' | '.join(cols)} | {gain.mean():+6.2f} ± {gain.std():4.2f} (SE {se:4.2f})"
+        print(f"{name:>16} {method:>13} | {' | '.join(cols)} | {gain.mean():+6.2f} ± {gain.std(ddof=1) if gain.size > 1 else 0.0:4.2f} (SE {se:4.2f})"
               f" | {versus:>19} | {secs:.3f}")  # fmt: skip
 
 
