@@ -139,21 +139,6 @@ class OracleAgent(HeuristicAgent):
     heuristic = "oracle"
 
 
-class LookaheadOracleAgent(HeuristicAgent):
-    """Ground-truth upper reference: each step it tries the actions of ``oracle``, margin, BALD,
-    entropy, class balance and random as real AL steps (undone afterwards, common random numbers)
-    and takes the one after which the network's mIoU on the scored set (``oracle_set``) is best.
-    The strongest reference measured here (BENCHMARKS.md §1.1); ~10x a heuristic's step time."""
-
-    heuristic = "oracle_lookahead"
-
-
-class MarginOracleAgent(HeuristicAgent):
-    """Ground-truth reference: the margin heuristic over the pixels the network gets wrong only."""
-
-    heuristic = "oracle_margin"
-
-
 class LossOracleAgent(HeuristicAgent):
     """Ground-truth reference: picks the candidate on which the network's current class-weighted
     loss against the true labels is largest (``Segmenter.loss_maps``); works with every model."""
@@ -170,8 +155,7 @@ class RarityOracleAgent(HeuristicAgent):
 
 #: the ground-truth references by method name
 ORACLE_AGENTS: dict[str, type[HeuristicAgent]] = {
-    cls.heuristic: cls
-    for cls in (OracleAgent, LookaheadOracleAgent, MarginOracleAgent, LossOracleAgent, RarityOracleAgent)
+    cls.heuristic: cls for cls in (OracleAgent, LossOracleAgent, RarityOracleAgent)
 }
 #: every baseline agent by method name: the heuristics and the ground-truth oracles
 BASELINE_AGENTS: dict[str, type[HeuristicAgent]] = {**HEURISTIC_AGENTS, **ORACLE_AGENTS}

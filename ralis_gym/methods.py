@@ -10,6 +10,6 @@ from __future__ import annotations
 #: spec §7 plus margin and this project's class balance
 HEURISTICS = ("random", "entropy", "margin", "bald", "class_balance")
 #: ground-truth references
-ORACLES = ("oracle", "oracle_lookahead", "oracle_margin", "oracle_loss", "oracle_rarity")
+ORACLES = ("oracle", "oracle_loss", "oracle_rarity")
 #: every name ``score_candidates`` accepts (and ``ralis-gym run --strategies`` offers)
 METHODS = HEURISTICS + ORACLES

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -102,7 +101,7 @@ def _env_after_one_step(camvid_root, seed: int, pools: int, per_pool: int, subse
 
 
 @pytest.mark.parametrize(
-    "name", ["entropy", "margin", "class_balance", "bald", "oracle_loss", "oracle_rarity", "oracle_margin"]
+    "name", ["entropy", "margin", "class_balance", "bald", "oracle_loss", "oracle_rarity"]
 )
 def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
     """``score_candidates`` works on the model's cell grid in chunks; it must give the region means
@@ -136,11 +135,6 @@ def test_env_scores_equal_full_resolution_region_means(name, camvid_root):
             freq += torch.bincount(region.reshape(-1), minlength=12)[:11].double()
         rarity = torch.cat([-torch.log(freq / freq.sum() + 1e-6), torch.zeros(1, dtype=torch.float64)])
         maps = rarity[labels.clamp(max=11)]
-    elif name == "oracle_margin":  # margin where the predicted class is not the true one, void pixels 0
-        probs = seg.predict_proba(base.pool_split, images)
-        labels = torch.from_numpy(np.asarray(base.pool_split.labels[images])).long()
-        wrong = (probs.argmax(1) != labels) & (labels != base.info_.ignore_index)
-        maps = pixel_margin(probs) * wrong
     else:
         probs = seg.predict_proba(base.pool_split, images)
         if name == "entropy":
@@ -245,162 +239,3 @@ def test_head_oracle_is_the_first_order_decrease_through_every_head_parameter(ca
         camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3}
     )
     assert not np.allclose(classifier.score_candidates("oracle")[pools.mask], expected, rtol=1e-2)
-
-
-def test_miou_oracle_direction_is_the_gradient_of_the_soft_miou(camvid_root):
-    """``oracle_objective="miou"``: the direction is d(1 - soft mIoU)/d classifier on the oracle set.
-    Brute force: the soft IoU written out at full resolution (nearest upsampling of the cell logits,
-    void pixels ignored) and differentiated by autograd; then the scores are the inner products of
-    each region's cross-entropy gradient with that direction, as for the loss oracle."""
-    import torch.nn.functional as F
-
-    base = _env_after_one_step(
-        camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3}, oracle_objective="miou"
-    )
-    seg, held = base.segmenter, base.oracle_split
-    n_cls, ignore = base.info_.num_classes, base.info_.ignore_index
-    idx = np.arange(len(held))
-    with torch.no_grad():
-        h = seg._trunk(held, idx)
-    w = seg.head.cls.weight.detach().clone().requires_grad_(True)
-    b = seg.head.cls.bias.detach().clone().requires_grad_(True)
-    p = torch.softmax(F.interpolate(F.conv2d(h, w, b), scale_factor=seg.stride, mode="nearest"), 1)
-    labels = torch.from_numpy(np.asarray(held.labels[idx])).long()
-    valid = (labels != ignore).unsqueeze(1).float()
-    y = F.one_hot(labels.clamp(max=n_cls - 1), n_cls).permute(0, 3, 1, 2).float() * valid
-    inter, pred, truth = (y * p).sum((0, 2, 3)), (valid * p).sum((0, 2, 3)), y.sum((0, 2, 3))
-    iou = inter / (pred + truth - inter)
-    present = truth > 0
-    gw, gb = torch.autograd.grad(1 - iou[present].mean(), (w, b))
-    expected = torch.cat([gw.flatten(1), gb[:, None]], 1)
-    got = seg.soft_miou_gradient(held)
-    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-7)
-    loss_direction = seg.classifier_gradient(held)
-    cos = float((got * loss_direction).sum() / (got.norm() * loss_direction.norm()))
-    assert cos < 0.999  # a different direction from the loss oracle's, so the scores can differ
-    a, hc = seg._classifier_gradient_parts(base.pool_split, np.arange(2))
-    maps = seg.gradient_alignment_maps(base.pool_split, np.arange(2), got)
-    manual = (a * (hc @ got[:, :-1].T + got[:, -1])).sum(-1) / float(seg.stride**2)
-    assert torch.allclose(maps.flatten(1), manual, rtol=1e-4, atol=1e-9)
-
-
-def test_miou_oracle_needs_classifier_gradients(camvid_root):
-    import gymnasium as gym
-
-    from ralis_gym.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="oracle_gradient: classifier"):
-        gym.make(
-            "RegionAL-CamVid-Fast-v0", data_root=str(camvid_root), start_network="scratch",
-            oracle_objective="miou", oracle_gradient="head", subset={"pool": 2, "reward": 1, "state": 1},
-        )  # fmt: skip
-
-
-def test_gradient_matching_scores_equal_a_brute_force_greedy_and_avoid_redundant_picks():
-    from ralis_gym.envs.region_al import gradient_matching_scores
-
-    rng = np.random.default_rng(0)
-    vectors = torch.from_numpy(rng.normal(size=(5, 4, 7)))
-    mask = rng.random((5, 4)) < 0.8
-    mask[3] = False  # a pool without candidates
-    direction = torch.from_numpy(rng.normal(size=7))
-    scores = gradient_matching_scores(vectors, mask, direction)
-
-    # brute force: the same greedy, written with explicit cosines
-    s, open_pools, expected = np.zeros(7), set(np.flatnonzero(mask.any(1))), np.full((5, 4), -np.inf)
-    d = direction.numpy()
-    while open_pools:
-        best = max(
-            ((k, n) for k in open_pools for n in np.flatnonzero(mask[k])),
-            key=lambda kn: (s + vectors[kn].numpy()) @ d / np.linalg.norm(s + vectors[kn].numpy()),
-        )
-        k = best[0]
-        for n in np.flatnonzero(mask[k]):
-            v = s + vectors[k, n].numpy()
-            expected[k, n] = v @ d / (np.linalg.norm(v) * np.linalg.norm(d))
-        s += vectors[best].numpy()
-        open_pools.remove(k)
-    assert np.allclose(scores, expected, rtol=1e-9, atol=1e-12, equal_nan=False)
-    assert np.isneginf(scores[~mask]).all()
-
-    # known optimum: the direction needs both axes; per pool the first axis aligns best everywhere,
-    # the match takes it once and the second axis from the other pool
-    e1, e2 = np.eye(2)
-    toy = torch.tensor(np.stack([[1.2 * e1, 0.1 * e2], [e1, 0.9 * e2]]))
-    picks = gradient_matching_scores(toy, np.ones((2, 2), bool), torch.tensor([1.0, 1.0])).argmax(1)
-    assert picks.tolist() == [0, 1]
-    per_pool = (toy @ torch.ones(2, dtype=torch.float64)).argmax(1)
-    assert per_pool.tolist() == [0, 0]
-
-
-def test_region_classifier_gradients_project_to_the_oracle_scores(camvid_root):
-    """The per-region gradient vectors behind ``oracle_selection="matching"`` give, projected on the
-    oracle direction, exactly the per-pool oracle's scores (so the two selections share one gradient)."""
-    base = _env_after_one_step(camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3})
-    seg, grid, pools = base.segmenter, base.grid, base._pools
-    scores = base.score_candidates("oracle")
-    image, row, col = grid.split_ids(pools.region_ids[pools.mask])
-    vectors = seg.region_classifier_gradients(base.pool_split, image, grid.rows, grid.cols)
-    picked = vectors[np.arange(image.size), row, col]
-    direction = seg.classifier_gradient(base.oracle_split).flatten()
-    assert np.allclose(scores[pools.mask], (picked @ direction).numpy(), rtol=1e-4, atol=1e-9)
-    base.config["oracle_selection"] = "matching"
-    matched = base.score_candidates("oracle")
-    assert np.isfinite(matched[pools.mask]).all() and np.isneginf(matched[~pools.mask]).all()
-    assert (np.abs(matched[pools.mask]) <= 1 + 1e-9).all()  # cosines
-
-
-def test_final_network_oracle_reads_a_converged_copy_and_leaves_the_run_unchanged(camvid_root):
-    """``oracle_network="final"``: the oracle scores with the weights the final training gives the
-    labels so far (the same computation as ``evaluate``), renewed every ``oracle_refresh`` steps; the
-    AL run's weights, optimiser and RNG are as before the call."""
-    base = _env_after_one_step(
-        camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3, "test": 3},
-        oracle_network="final", final_training={"max_epochs": 3, "patience": 2},
-    )  # fmt: skip
-    seg = base.segmenter
-    before = seg.snapshot()
-    final_scores = base.score_candidates("oracle")
-    after = seg.snapshot()
-    assert all(
-        torch.equal(before["model"]["head"][k], after["model"]["head"][k]) for k in before["model"]["head"]
-    )
-    assert torch.equal(before["rng"], after["rng"])
-    assert np.array_equal(base.score_candidates("oracle"), final_scores)  # cached until the refresh
-    base.config["oracle_network"] = "current"
-    current = base.score_candidates("oracle")
-    assert not np.allclose(current[base._pools.mask], final_scores[base._pools.mask])
-    base.evaluate(split="test", restore=False)  # the final training itself, on the env's network
-    assert np.allclose(base.score_candidates("oracle"), final_scores, rtol=1e-5, atol=1e-9)
-
-
-def test_lookahead_oracle_takes_the_best_real_step_and_undoes_its_trials(camvid_root):
-    """``oracle_lookahead``: each of LOOKAHEAD_METHODS' actions is tried as a real AL step
-    and undone; the picked action is the one whose step gives the best oracle-set mIoU, and taking
-    it for real gives exactly that mIoU (the trials share the step's random numbers)."""
-    from ralis_gym.envs.region_al import LOOKAHEAD_METHODS
-
-    base = _env_after_one_step(
-        camvid_root, seed=5, pools=3, per_pool=4, subset={"pool": 10, "reward": 3, "test": 3},
-    )  # fmt: skip
-    seg, pools = base.segmenter, base._pools
-    before, labeled_before = seg.snapshot(), base.pool.labeled.copy()
-    rng_before = copy.deepcopy(base.np_random.bit_generator.state)
-    scores = base.score_candidates("oracle_lookahead")
-    after = seg.snapshot()  # its RNG moved on: BALD's MC-dropout masks come from it
-    assert all(
-        torch.equal(before["model"]["head"][k], after["model"]["head"][k]) for k in before["model"]["head"]
-    )
-    assert np.array_equal(base.pool.labeled, labeled_before)
-    picked = np.argmax(scores, axis=1)
-    assert np.isneginf(scores[~pools.mask]).all() and (scores[pools.mask] >= 0).all()
-    # brute force from the same start: the same component actions, each tried
-    seg.restore(before)
-    base.np_random.bit_generator.state = rng_before
-    actions = [np.argmax(base.score_candidates(m), axis=1) for m in LOOKAHEAD_METHODS]
-    trials = [base._trial_step_miou(a) for a in actions]
-    assert any(np.array_equal(picked, a) for a in actions)
-    expected = base._trial_step_miou(picked)
-    assert expected == max(trials)
-    base.step(picked)  # for real: the same random numbers as its trial
-    assert float(seg.evaluate(base.oracle_split).miou) == expected

@@ -233,26 +233,6 @@ class Segmenter(ABC):
             hist = hist * weights.to(logp.device).view(1, -1, 1, 1)
         return -(hist * logp).sum(1) / float(self.native_stride**2)
 
-    def error_margin_maps(
-        self, split: SegmentationSplit, indices: Sequence[int] | np.ndarray
-    ) -> torch.Tensor:
-        """Margin uncertainty ``1 - p_top1 + p_top2`` times the fraction of the cell's pixels whose true
-        class is not the predicted one (void counts 0), per native cell ``[B, h, w]``: the margin
-        heuristic restricted to the network's actual mistakes (``oracle_margin``)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        p = torch.softmax(self.native_logits(split, idx), dim=1)  # [B, C, h, w]
-        top = p.topk(2, dim=1).values
-        margin = 1.0 - top[:, 0] + top[:, 1]
-        pred = p.argmax(1, keepdim=True)
-        if self.native_stride == 1:
-            target = torch.from_numpy(np.asarray(split.labels[idx])).to(p.device).long()
-            wrong = ((target != pred[:, 0]) & (target != self.info.ignore_index)).float()
-        else:
-            hist = cell_histograms(split, self.native_stride)[torch.from_numpy(idx)]  # [B, cells, C]
-            hist = hist.to(p.device, torch.float32).transpose(1, 2).reshape(p.shape)
-            wrong = (hist.sum(1) - hist.gather(1, pred)[:, 0]) / float(self.native_stride**2)
-        return margin * wrong
-
     @torch.no_grad()
     def evaluate(
         self, split: SegmentationSplit, batch_size: int | None = None, progress: bool = False

@@ -704,49 +704,6 @@ class FastSegmenter(Segmenter):
         return (grad / self._mean_loss_denominator(split, idx)).float()
 
     @torch.no_grad()
-    def soft_miou_gradient(self, split: SegmentationSplit, indices: np.ndarray | None = None) -> torch.Tensor:
-        """Gradient of ``1 - soft mIoU`` over some images (all of ``split`` by default) w.r.t. the
-        classifier ``[weight | bias]``, ``[C, width + 1]`` (eval mode, no dropout).
-
-        Soft IoU of class ``c`` on the cell grid: ``I_c / (P_c + G_c - I_c)`` with ``I_c = sum y_c p_c``,
-        ``P_c = sum t p_c`` and ``G_c = sum y_c`` over cells (``y`` the cell's labeled pixels per class,
-        ``t`` their total, ``p`` its predicted probabilities); the mean runs over the classes present.
-        It weighs a class by what a pixel of it moves the *mean* IoU, where the class-weighted
-        cross-entropy of ``classifier_gradient`` weighs it by a fixed ``sqrt`` median frequency. Two
-        passes: the first sums ``I, P, G``; the loss is then linear in them to first order, so the
-        second pass chains ``dL/dI_c``, ``dL/dP_c`` through each cell's softmax."""
-        idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
-        n_cls = self.info.num_classes
-        inter = torch.zeros(n_cls, dtype=torch.float64, device=self.device)
-        pred, truth = torch.zeros_like(inter), torch.zeros_like(inter)
-        chunks = [idx[s : s + self.eval_batch_size] for s in range(0, idx.size, self.eval_batch_size)]
-
-        def parts(b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            h = self._trunk(split, b)
-            p = torch.softmax(self.head.classify(h), dim=1).flatten(2).transpose(1, 2)  # [B, cells, C]
-            y = self.targets(split)[torch.from_numpy(b)].to(self.device, torch.float32)
-            return p, y, h.flatten(2).transpose(1, 2)
-
-        for b in chunks:
-            p, y, _ = parts(b)
-            inter += (y * p).sum((0, 1)).double()
-            pred += (y.sum(-1, keepdim=True) * p).sum((0, 1)).double()
-            truth += y.sum((0, 1)).double()
-        present = truth > 0
-        union = (pred + truth - inter).clamp_min(1e-12)
-        scale = -present.double() / max(int(present.sum()), 1)  # d(1 - mean IoU) / d IoU_c
-        d_inter = (scale * (pred + truth) / union**2).float()  # dIoU/dI = (P + G) / U^2
-        d_pred = (-scale * inter / union**2).float()  # dIoU/dP = -I / U^2
-        grad = torch.zeros(n_cls, self.width + 1, dtype=torch.float64, device=self.device)
-        for b in chunks:
-            p, y, h = parts(b)
-            v = y * d_inter + y.sum(-1, keepdim=True) * d_pred  # dL/dp per cell and class
-            a = p * (v - (v * p).sum(-1, keepdim=True))  # through the softmax
-            grad[:, :-1] += torch.einsum("bnc,bnw->cw", a, h).double()
-            grad[:, -1] += a.sum((0, 1)).double()
-        return grad.float()
-
-    @torch.no_grad()
     def gradient_alignment_maps(
         self, split: SegmentationSplit, indices: np.ndarray, direction: torch.Tensor
     ) -> torch.Tensor:
@@ -762,24 +719,6 @@ class FastSegmenter(Segmenter):
         u = h @ direction[:, :-1].T + direction[:, -1]  # [B, cells, C]
         maps = (a * u).sum(-1) / float(self.stride**2)
         return maps.view(idx.size, self.rows, self.cols)
-
-    @torch.no_grad()
-    def region_classifier_gradients(
-        self, split: SegmentationSplit, indices: np.ndarray, rows: int, cols: int
-    ) -> torch.Tensor:
-        """Per region, the classifier ``[weight | bias]`` gradient of the class-weighted cross-entropy
-        averaged over the region's pixels, ``[B, rows, cols, C * (width + 1)]`` for a ``rows x cols``
-        region grid of some images (eval mode). Its inner product with a direction is the region mean
-        of ``gradient_alignment_maps``; the vectors themselves let a selection compare regions with
-        each other (the ``oracle``'s gradient matching)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        a, h = self._classifier_gradient_parts(split, idx)
-        b, n_cls = idx.size, a.shape[-1]
-        rr, qq = self.rows // rows, self.cols // cols
-        a = a.view(b, rows, rr, cols, qq, n_cls)
-        h = torch.cat([h, torch.ones_like(h[..., :1])], -1).view(b, rows, rr, cols, qq, -1)
-        grad = torch.einsum("briqjc,briqjw->brqcw", a, h) / float(rr * qq * self.stride**2)
-        return grad.reshape(b, rows, cols, -1)
 
     def head_gradient(
         self, split: SegmentationSplit, indices: np.ndarray | None = None
