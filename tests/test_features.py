@@ -370,3 +370,25 @@ def test_cityscapes_test_scale_is_memory_bounded() -> None:
     np.testing.assert_allclose(out.sum(1).numpy(), 1.0, rtol=0, atol=1e-5)
     assert (out[:, 0] > 0).all()
     assert grown_mib < 1024
+
+
+def test_region_tables_from_cell_predictions_equal_full_resolution() -> None:
+    """A piecewise-constant prediction given on its cell grid (``prediction_stride``) gives the same
+    region tables, to the bit, as the same prediction expanded to full resolution; a stride that does
+    not tile the regions is refused."""
+    from ralis_gym.features import region_tables_from_maps
+
+    grid = RegionGrid((480, 360), (80, 90))
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randint(0, 12, (3, 36, 48), generator=g)
+    cells[0, :9, :8] = 4  # a region of one class: its count is the whole region
+    entropy = torch.rand(3, 360, 480, generator=g)
+    full = cells.repeat_interleave(10, -2).repeat_interleave(10, -1)
+    expected = region_tables_from_maps(full, entropy, 11, grid)
+    got = region_tables_from_maps(cells, entropy, 11, grid, prediction_stride=10)
+    assert torch.equal(got, expected)
+    assert float(got[0, 0, 0, 4]) == 80 * 90
+    with pytest.raises(ValueError, match="does not tile"):
+        region_tables_from_maps(cells[:, :, :45], entropy, 11, grid, prediction_stride=10)
+    with pytest.raises(ValueError, match="does not tile"):
+        region_tables_from_maps(full[:, :120, :120], entropy, 11, grid, prediction_stride=3)

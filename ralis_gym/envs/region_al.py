@@ -477,8 +477,18 @@ class RegionALEnv(gym.Env):
         chunk = max(1, self.segmenter.default_batch_size())
         parts = []
         for start in range(0, len(images), chunk):
-            pred, ent = self.segmenter.prediction_maps(split, images[start : start + chunk])
-            parts.append(region_tables_from_maps(pred, ent, self.info_.num_classes, self.grid))
+            pred, ent = self.segmenter.prediction_maps(
+                split, images[start : start + chunk], native_prediction=True
+            )
+            parts.append(
+                region_tables_from_maps(
+                    pred,
+                    ent,
+                    self.info_.num_classes,
+                    self.grid,
+                    prediction_stride=self.segmenter.native_stride,
+                )
+            )
         return torch.cat(parts)
 
     def _zero_observation(self) -> dict[str, np.ndarray]:

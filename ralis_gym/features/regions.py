@@ -124,14 +124,6 @@ def entropy_map(probs: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return -t.sum(dim=-3)
 
 
-def _local_region_map(grid: RegionGrid, device: torch.device) -> torch.Tensor:
-    """``[H, W]`` int64 row-major local region index ``row * cols + col`` of every pixel."""
-    (w, h), (rw, rh) = grid.image_size, grid.region_size
-    ry = torch.arange(h, device=device) // rh
-    rx = torch.arange(w, device=device) // rw
-    return ry[:, None] * grid.cols + rx[None, :]
-
-
 @torch.no_grad()
 def region_tables(
     probs: torch.Tensor, grid: RegionGrid, image_chunk_elems: int = DEFAULT_IMAGE_CHUNK_ELEMS
@@ -158,24 +150,46 @@ def region_tables(
 
 @torch.no_grad()
 def region_tables_from_maps(
-    prediction: torch.Tensor, entropy: torch.Tensor, num_classes: int, grid: RegionGrid
+    prediction: torch.Tensor,
+    entropy: torch.Tensor,
+    num_classes: int,
+    grid: RegionGrid,
+    prediction_stride: int = 1,
 ) -> torch.Tensor:
     """:func:`region_tables` from the arg-max ``[I, H, W]`` and entropy ``[I, H, W]`` maps.
 
     Models whose predictions are piecewise constant (the fast model's cells) compute both maps at
     cell resolution and expand them, which avoids the full-resolution ``[I, C, H, W]`` softmax.
+    With ``prediction_stride = s > 1`` the arg-max map is the cell map ``[I, H / s, W / s]`` itself
+    (``s`` must divide the region size): a cell holds ``s * s`` pixels of its class, so the class
+    counts are the same integers for 1/s^2 of the work. The entropy map stays full resolution (the
+    8x8 pooling windows of a region need not align with the cells).
     """
     kernel = pool_kernel(grid)
     n = prediction.shape[0]
     bins = num_classes + 1
     device = prediction.device
-    local = _local_region_map(grid, device)
+    s = int(prediction_stride)
+    rw, rh = grid.region_size
+    if (
+        s < 1
+        or rw % s
+        or rh % s
+        or tuple(prediction.shape[-2:]) != (grid.image_size[1] // s, grid.image_size[0] // s)
+    ):
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} at stride {s} does not tile {grid.image_size[0]}x{grid.image_size[1]} "
+            f"images into {rw}x{rh} regions"
+        )
+    ry = torch.arange(prediction.shape[-2], device=device) // (rh // s)
+    rx = torch.arange(prediction.shape[-1], device=device) // (rw // s)
+    local = ry[:, None] * grid.cols + rx[None, :]
     # Arg-max histogram of every (image, region): one bincount over (image, region, class) keys.
     offsets = torch.arange(n, device=device)[:, None, None] * grid.per_image + local
     keys = prediction.long() + bins * offsets
     counts = torch.bincount(keys.view(-1), minlength=n * grid.per_image * bins).view(
         n, grid.rows, grid.cols, bins
-    )
+    ) * (s * s)
     out = torch.empty(n, grid.rows, grid.cols, bins + POOL_FEATURES, dtype=torch.float32, device=device)
     # `zeros + 1e-7; v[present] = counts`: present classes hold exact counts, absent ones 1e-7.
     out[..., :bins] = torch.where(

@@ -198,14 +198,16 @@ class Segmenter(ABC):
 
     @torch.no_grad()
     def prediction_maps(
-        self, split: SegmentationSplit, indices: np.ndarray
+        self, split: SegmentationSplit, indices: np.ndarray, native_prediction: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Arg-max ``[B, H, W]`` and entropy ``[B, H, W]`` maps at full resolution (the inputs of the
         spec §4 region features), computed on the native grid and then expanded: the same numbers as
-        from the upsampled softmax without building the ``[B, C, H, W]`` tensor."""
+        from the upsampled softmax without building the ``[B, C, H, W]`` tensor. With
+        ``native_prediction`` the arg-max map stays on the native grid (``native_stride`` px a cell)."""
         preds, ents = [], []
         for _, p in self.iter_native_proba(split, indices):
-            preds.append(self.upsample(class_argmax(p)))
+            argmax = class_argmax(p)
+            preds.append(argmax if native_prediction else self.upsample(argmax))
             ents.append(self.upsample(entropy_map(p)))
         return torch.cat(preds), torch.cat(ents)
 
