@@ -34,7 +34,7 @@ import yaml
 import ralis_gym  # noqa: F401  (registers the environments)
 from agents.heuristics import make_heuristic_agent
 from ralis_gym.envs.region_al import run_agent
-from ralis_gym.stats import welch_t
+from ralis_gym.stats import sample_std, welch_t
 
 #: the measured set (BENCHMARKS.md "AL-step training"); "+S" adds a pass over the start data D_S
 DEFAULT_VARIANTS = [
@@ -147,19 +147,17 @@ def report(rows: list[dict]) -> None:
         cols = []
         for step in (0, last // 2, last):
             v = [100 * r["miou"] for r in mine if r["step"] == step]
-            cols.append(
-                f"{np.mean(v):6.2f} ± {np.std(v, ddof=1) if len(v) > 1 else 0.0:4.2f}"
-            )  # sample std, as Welch t
+            cols.append(f"{np.mean(v):6.2f} ± {sample_std(v):4.2f}")
         gain, base = returns(name, method), returns(name, "random")
         if base.size == 0:  # e.g. an oracle_set variant: random does not read it, same episodes
             base = returns(DEFAULT_VARIANT, "random")
-        se = gain.std(ddof=1) / np.sqrt(gain.size) if gain.size > 1 else float("nan")
+        se = sample_std(gain) / np.sqrt(gain.size) if gain.size > 1 else float("nan")
         versus = ""
         if method != "random" and gain.size > 1 and base.size > 1:
             diff, t = welch_t(gain, base)
             versus = f"{diff:+5.2f} (t={t:+5.2f})"
         secs = statistics.median(r["step_seconds"] for r in mine if r["step"] > 0)
-        print(f"{name:>16} {method:>13} | {' | '.join(cols)} | {gain.mean():+6.2f} ± {gain.std(ddof=1) if gain.size > 1 else 0.0:4.2f} (SE {se:4.2f})"
+        print(f"{name:>16} {method:>13} | {' | '.join(cols)} | {gain.mean():+6.2f} ± {sample_std(gain):4.2f} (SE {se:4.2f})"
               f" | {versus:>19} | {secs:.3f}")  # fmt: skip
 
 

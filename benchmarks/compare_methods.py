@@ -53,7 +53,7 @@ import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
 from agents.heuristics import BASELINE_AGENTS, make_heuristic_agent
 from ralis_gym.config import load_yaml, parse_dataclass_args
-from ralis_gym.stats import welch_t
+from ralis_gym.stats import sample_std, welch_t
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("random", "entropy", "bald", "margin", "class_balance")
@@ -358,10 +358,8 @@ def report(path: Path, class_names: list[str], pool_pixels: np.ndarray | None) -
         out = []
         for b in budgets:
             v = 100 * cells(m, b)
-            out.append(
-                f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0:.2f} (n={v.size})" if v.size else ""
-            )
-            table.append({"method": m, "budget": b, "mean": v.mean() if v.size else "", "std": v.std(ddof=1) if v.size > 1 else "", "n": v.size})  # fmt: skip
+            out.append(f"{v.mean():.2f} ± {sample_std(v):.2f} (n={v.size})" if v.size else "")
+            table.append({"method": m, "budget": b, "mean": v.mean() if v.size else "", "std": sample_std(v) if v.size > 1 else "", "n": v.size})  # fmt: skip
         lines.append(f"| {m} | " + " | ".join(out) + " |")
     with open(f"{stem}-table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method", "budget", "mean", "std", "n"])
@@ -460,7 +458,7 @@ def plot(stem: Path, methods, budgets, cells, class_names, acquired, pool_pixels
     for m in methods:
         bs = [b for b in budgets if cells(m, b).size]
         mean = np.array([100 * cells(m, b).mean() for b in bs])
-        std = np.array([100 * cells(m, b).std() for b in bs])
+        std = np.array([100 * sample_std(cells(m, b)) for b in bs])  # as in the tables
         (line,) = ax.plot(bs, mean, marker="o", lw=2.5 if is_policy(m) else 1.5, label=m)
         ax.fill_between(bs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("labeled regions (budget)")

@@ -6,6 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def sample_std(a: np.ndarray) -> float:
+    """Standard deviation with ``ddof=1`` (the one Welch's t uses); 0.0 for fewer than two values."""
+    a = np.asarray(a, dtype=np.float64)
+    return float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
 def welch_t(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Difference of means ``mean(a) - mean(b)`` and Welch's t statistic (unequal variances,
     sample variances with ``ddof=1``); ``t`` is ``±inf`` when both samples are constant."""

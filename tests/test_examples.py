@@ -198,3 +198,11 @@ def test_welch_t_of_the_benchmark_reports():
     diff, t = welch_t(np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 4.0, 6.0, 8.0, 10.0]))
     # means 2.5 and 6; variances 5/3 and 10; se = sqrt(5/12 + 2)
     assert diff == pytest.approx(-3.5) and t == pytest.approx(-3.5 / np.sqrt(5 / 12 + 2))
+
+
+def test_sample_std_of_the_benchmark_reports():
+    """The reports' ± is the ddof-1 standard deviation Welch's t uses (variance 5/3 here), 0 for one value."""
+    from ralis_gym.stats import sample_std
+
+    assert sample_std(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(np.sqrt(5 / 3))
+    assert sample_std(np.array([7.0])) == 0.0

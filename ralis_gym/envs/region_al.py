@@ -371,7 +371,13 @@ class RegionALEnv(gym.Env):
         self._selected = tuple((self.pool_split.image_names[b[0]], int(b[1]), int(b[2])) for b in boxes)
         self._last_ids = chosen
         t1 = time.perf_counter()
-        self._train_step(chosen)
+        anchors = self._training_anchors(chosen)
+        for _ in range(self.config["epochs_per_step"]):
+            self.segmenter.fit_regions(self.pool_split, anchors, self.pool.labeled)
+            if self.config["step_start_data"] and self.start_data is not None:
+                self.segmenter.fit_images(self.start_data)
+        for _ in range(self.config["lr_decay_steps_per_step"]):
+            self.segmenter.step_lr()
         t2 = time.perf_counter()
         previous = self._miou
         self._evaluate_reward_set()
@@ -399,16 +405,6 @@ class RegionALEnv(gym.Env):
         return self._pools.mask.reshape(-1).copy()
 
     # --- internals ---------------------------------------------------------------------------
-    def _train_step(self, chosen: np.ndarray) -> None:
-        """The AL step's training after ``chosen`` was labeled (see ``train_regions``)."""
-        anchors = self._training_anchors(chosen)
-        for _ in range(self.config["epochs_per_step"]):
-            self.segmenter.fit_regions(self.pool_split, anchors, self.pool.labeled)
-            if self.config["step_start_data"] and self.start_data is not None:
-                self.segmenter.fit_images(self.start_data)
-        for _ in range(self.config["lr_decay_steps_per_step"]):
-            self.segmenter.step_lr()
-
     def _training_anchors(self, chosen: np.ndarray) -> np.ndarray:
         """The regions whose images the AL step trains on (see ``train_regions``)."""
         how = self.config["train_regions"]
@@ -538,7 +534,21 @@ class RegionALEnv(gym.Env):
         if self.pool.num_labeled == 0:
             raise RuntimeError("nothing is labeled yet: step the environment before evaluate()")
         before = self.segmenter.snapshot() if restore else None
-        result = self._final_training(max_epochs, patience, progress)
+        ids = self.pool.order.copy()
+        seg = self.segmenter
+        extra = self.start_data if ft.get("include_start_data") else None
+
+        def epoch() -> float:
+            loss = seg.fit_regions(self.pool_split, ids, self.pool.labeled)
+            if extra is not None:
+                seg.fit_images(extra)
+            return loss
+
+        # The pretraining recipe: a fresh optimiser and schedule, one decay step per epoch.
+        seg.reset_optimizer()
+        result = train_until_plateau(
+            seg, epoch, self.reward_split, max_epochs, patience, progress=progress, desc="final training"
+        )
         target = self._role_split(split, self.config["subset"]["test"] if split == "test" else None)
         metrics = self.segmenter.evaluate(target, progress=progress)
         if before is not None:
@@ -552,25 +562,6 @@ class RegionALEnv(gym.Env):
             "epochs": result["epochs"],
             "labeled_regions": self.pool.num_labeled,
         }
-
-    def _final_training(self, max_epochs: int, patience: int, progress: bool = False) -> dict[str, Any]:
-        """Train the segmenter on every acquired region (plus the start data, ``include_start_data``)
-        with the pretraining recipe: a fresh optimiser and schedule, one decay step per epoch, until
-        D_R mIoU has not improved for ``patience`` epochs; the best-D_R weights are kept."""
-        ids = self.pool.order.copy()
-        seg = self.segmenter
-        extra = self.start_data if self.config["final_training"].get("include_start_data") else None
-
-        def epoch() -> float:
-            loss = seg.fit_regions(self.pool_split, ids, self.pool.labeled)
-            if extra is not None:
-                seg.fit_images(extra)
-            return loss
-
-        seg.reset_optimizer()
-        return train_until_plateau(
-            seg, epoch, self.reward_split, max_epochs, patience, progress=progress, desc="final training"
-        )
 
     @torch.no_grad()
     def score_candidates(self, heuristic: str, mc_passes: int = 20) -> np.ndarray:

@@ -281,7 +281,7 @@ class FastSegmenter(Segmenter):
         device: where the head runs (features stay cached on the CPU).
         seed: seeds ``self.generator``, the only source of randomness (init, shuffling, dropout).
         stride: cell size in pixels; must divide the region size (default ``default_stride``).
-        width: channels of the head (48 by default since env v2.1: 0.79x the step time of 64, BENCHMARKS.md §4).
+        width: channels of the head (48 by default since 2026-12-07, 64 before: 0.79x the step time at the same accuracy, BENCHMARKS.md §4).
         dilations: one residual context block per entry (3x3 conv with that dilation; 0 = 1x1).
         separable: depthwise + pointwise 3x3 convolutions (cheap) instead of full ones.
         norm: BatchNorm in the head (batch statistics in training, running statistics at inference).
