@@ -53,11 +53,11 @@ import ralis_gym  # noqa: F401  (registers the environments)
 from agents import RalisDQN
 from agents.heuristics import BASELINE_AGENTS, make_heuristic_agent
 from ralis_gym.config import load_yaml, parse_dataclass_args
+from ralis_gym.data.camvid import CAMVID_RARE_CLASSES
 from ralis_gym.stats import sample_std, welch_t
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("random", "entropy", "bald", "margin", "class_balance")
-RARE_CLASSES = ("Pole", "SignSymbol", "Fence", "Pedestrian", "Bicyclist")
 PAPER_BUDGETS = "480,720,960,1200,1440,1920"
 
 
@@ -416,14 +416,14 @@ def report(path: Path, class_names: list[str], pool_pixels: np.ndarray | None) -
     lines += ["", f"### Per-class test IoU (%) at {top} regions, mean over seeds", ""]
     lines += ["| method | " + " | ".join(class_names) + " |", "|---" * (len(class_names) + 1) + "|"]
     for m in methods:
-        vals = [
-            np.nanmean(100 * cells(m, top, f"iou_{c}")) if cells(m, top).size else np.nan for c in class_names
-        ]
+        if not cells(m, top).size:  # a method run at other budgets only has no row here
+            continue
+        vals = [np.nanmean(100 * cells(m, top, f"iou_{c}")) for c in class_names]
         lines.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
     lines += ["", f"### Class distribution of the acquired labels at {top} regions (% of labeled pixels)", ""]
     header = class_names + ["entropy (nats)", "rare-class share"]
     lines += ["| source | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-    rare = [class_names.index(c) for c in RARE_CLASSES if c in class_names]
+    rare = [class_names.index(c) for c in CAMVID_RARE_CLASSES if c in class_names]
 
     def dist_line(label: str, px: np.ndarray) -> str:
         frac = px / max(px.sum(), 1)
@@ -549,8 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         pool_split = env.unwrapped.pool_split
     else:
         from ralis_gym.data import load_dataset
+        from ralis_gym.errors import RalisGymError
 
-        ds = load_dataset("camvid", args.data_root)
+        try:  # the report shows the D_V pool's class distribution next to the acquired one
+            ds = load_dataset("camvid", args.data_root)
+        except RalisGymError as error:
+            raise SystemExit(f"the report needs the CamVid data: {error}") from None
         names, pool_split = list(ds.info.class_names), ds.split("d_v")
     md = report(path, names, np.asarray(pool_split.class_pixel_counts(), dtype=float))
     print(md)

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,17 +60,21 @@ def merge_config(
 def parse_dataclass_args(cls: type[T], description: str | None = None, argv: list[str] | None = None) -> T:
     """Command-line flags from a dataclass of defaults (the typed args block of the example scripts).
 
-    ``field_name`` becomes ``--field-name`` with the default's type (``str`` when the default is
-    ``None``); a ``bool`` field is a switch that sets it to True.
+    ``field_name`` becomes ``--field-name`` with the default's type (for a ``None`` default the
+    annotation's: ``float | None`` parses floats, anything else strings); a ``bool`` field is a switch
+    that sets it to True.
     """
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=f"(default: {f.default})")
         else:
-            kind = type(f.default) if f.default is not None else str
+            kind = type(f.default)
+            if f.default is None:
+                kind = next((t for t in typing.get_args(hints[f.name]) if t in (int, float)), str)
             parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
     return cls(**vars(parser.parse_args(argv)))

@@ -294,3 +294,31 @@ def test_branching_a_final_training_does_not_change_the_rest_of_the_episode(fast
     for (ra, ma, ca), (rb, mb, cb) in zip(plain, branched):
         assert ra == rb and ma == mb
         np.testing.assert_array_equal(ca, cb)
+
+
+def test_trial_step_is_the_real_step_and_is_undone(fast_env):
+    """``trial_step`` without a seed draws the step's own random numbers (common random numbers): its
+    D_R mIoU is the real step's, and trying actions in between leaves the episode unchanged."""
+
+    def episode(trials: bool) -> list:
+        obs, _ = fast_env.reset(seed=5)
+        rng, out, done = np.random.default_rng(1), [], False
+        while not done:
+            action = np.array([rng.choice(np.flatnonzero(m)) for m in obs["action_mask"] > 0])
+            tried = None
+            if trials:
+                other = np.array([np.flatnonzero(m)[-1] for m in obs["action_mask"] > 0])
+                fast_env.unwrapped.trial_step(other, seed=7)
+                tried = fast_env.unwrapped.trial_step(action)
+            obs, reward, term, trunc, info = fast_env.step(action)
+            if trials:
+                assert tried == info["miou"]
+            out.append((reward, info["miou"], info["labeled_regions"], obs["candidates"].copy()))
+            done = term or trunc
+        return out
+
+    plain, tried = episode(False), episode(True)
+    assert len(plain) == len(tried) >= 3
+    for (ra, ma, la, ca), (rb, mb, lb, cb) in zip(plain, tried):
+        assert ra == rb and ma == mb and la == lb
+        np.testing.assert_array_equal(ca, cb)

@@ -76,6 +76,44 @@ def test_train_ralis_checkpoints_logs_and_resumes(trained_policy, camvid_root):
     assert [int(r["timestep"]) for r in rows] == [2, 4, 6]
 
 
+def test_train_ralis_collects_episodes_in_subprocesses(camvid_root, tmp_path):
+    """``--n-envs 2``: SB3's SubprocVecEnv steps two envs in worker processes; both episodes of the
+    first vector step end together and are logged, and the additive target trains on their pools."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_TRAIN))
+    out = tmp_path / "run"
+    run_script(
+        "examples/train_ralis.py", "--config", str(config), "--out", str(out), "--n-envs", "2", "--episodes", "4",
+        "--q-target", "sum", "--gamma", "0", "--buffer-size", "60", "--checkpoint-every", "2",
+        root=camvid_root, cwd=tmp_path,
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(out / "episodes.csv")))
+    assert [int(r["timestep"]) for r in rows] == [4, 4, 8, 8]
+    assert rows[0]["episode_miou"] != rows[1]["episode_miou"]  # two envs, two seeds
+    from agents import RalisDQN
+
+    model = RalisDQN.load(out / "ralis_final.zip", device="cpu")
+    assert model.q_target == "sum" and model.gamma == 0.0 and model.num_timesteps == 8
+
+
+def test_reward_noise_tries_each_action_under_each_training_seed(camvid_root, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_TRAIN))
+    out = tmp_path / "noise.csv"
+    text = run_script(
+        "benchmarks/reward_noise.py", "--config", str(config), "--states", "0", "--warm", "0,1", "--train-seeds", "0,1,2",
+        "--random-actions", "2", "--methods", "entropy", "--out", str(out), root=camvid_root, cwd=tmp_path,
+    )  # fmt: skip
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 * 3 * 3  # states x actions x training seeds
+    by_state = {}
+    for r in rows:
+        by_state.setdefault(r["warm"], {}).setdefault(r["action"], []).append(float(r["reward"]))
+    for actions in by_state.values():  # the regions chosen change the reward
+        assert len({round(float(np.mean(v)), 9) for v in actions.values()}) > 1
+    assert "signal / noise" in text and "| **mean** |" in text
+
+
 def test_evaluate_policy_with_a_trained_policy_and_a_heuristic(trained_policy, camvid_root, tmp_path):
     config, out = trained_policy
     for policy, name in ((str(out / "ralis_final.zip"), "ralis"), ("entropy", "entropy")):

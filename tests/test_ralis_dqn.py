@@ -476,3 +476,64 @@ def test_toy_env_passes_env_checkers() -> None:
     action[masked[0][0]] = masked[0][1]
     with pytest.raises(ValueError, match="masked"):
         env.step(action)
+
+
+def test_additive_target_sums_the_pools_of_each_sampled_step() -> None:
+    """``q_target="sum"``: the loss compares the sum of a step's pool Q-values with the step's reward plus
+    gamma times the sum of its pools' next values; checked against a per-step loop."""
+    env = ToyPoolEnv(masked_per_pool=(0, 1, 5))  # pool 2 empty: it has no transition
+    model = RalisDQN("RalisPolicy", env, gamma=0.5, q_target="sum", buffer_size=300, seed=0)
+    model.learn(30)
+    th.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002
+    data = model.replay_buffer.sample_steps(5)
+    assert data.states.shape[0] == 5 and data.candidates.shape[0] == 10  # 2 non-empty pools per step
+    assert data.state_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    model.policy.set_training_mode(True)
+    nv = model._next_values(data)
+    for g in range(5):
+        rows = data.state_index == g
+        assert th.unique(data.rewards[rows]).numel() == 1
+    step = data.state_index
+    expected = th.stack([data.rewards[step == g][0] + 0.5 * nv[step == g].sum() for g in range(5)])
+    grouped = th.zeros(5).index_add(0, step, nv)
+    th.testing.assert_close(data.rewards[::2] + 0.5 * grouped, expected)
+    with pytest.raises(ValueError, match="q_target must be one of"):
+        RalisDQN("RalisPolicy", env, q_target="mean")
+
+
+def test_additive_target_beats_per_pool_target_with_many_pools() -> None:
+    """With K = 24 pools (CamVid's) the reference's per-pool target drowns each pick's effect in the
+    other 23 picks' (the toy's reward is the mean over pools of the picks' feature 0); the additive target
+    attributes the reward to the picks. Same env steps, each at its better learning rate (measured on
+    this toy: "pool" 1e-3 > 1e-4, "sum" 3e-4 > 1e-3, since the sum's error moves all 24 outputs).
+    Measured 2026-12-07: random 2.50, "pool" 3.27, "sum" 3.81 (best possible about 4.8)."""
+
+    def env() -> ToyPoolEnv:
+        return ToyPoolEnv(num_pools=24, pool_size=20, masked_per_pool=(0,), strict_mask=True)
+
+    returns = {}
+    for q_target, lr in (("pool", 1e-3), ("sum", 3e-4)):
+        model = RalisDQN("RalisPolicy", env(), learning_rate=lr, lr_decay=1.0, gamma=0.0, q_target=q_target,
+                         buffer_size=24 * 400, seed=0)  # fmt: skip
+        model.learn(300)
+        returns[q_target] = run_episodes(
+            env(), lambda o, m=model: m.predict(o, deterministic=True)[0], 20, seed=1000
+        )
+    rng = np.random.default_rng(0)
+    random = run_episodes(env(), lambda o: sample_masked_actions(o["action_mask"], rng), 20, seed=1000)
+    assert returns["pool"].mean() > random.mean() + 0.3
+    assert returns["sum"].mean() > returns["pool"].mean() + 0.3, {k: v.mean() for k, v in returns.items()}
+
+
+def test_shared_state_branch_equals_per_pool_replication_for_whole_steps() -> None:
+    """In train mode the state branch may run once per distinct state when every state has the same
+    number of pools (whole sampled steps): BatchNorm then sees the same batch statistics."""
+    net = RalisQNetwork(state_regions=6, state_dim=10, action_dim=10).train()
+    gen = th.Generator().manual_seed(3)
+    states = th.rand(3, 6, 10, generator=gen)
+    index = th.tensor([0, 0, 1, 1, 2, 2])  # two pools per state
+    cands = th.rand(6, 5, 74, generator=gen)
+    th.testing.assert_close(net(cands, states, index, share_states=True), net(cands, states, index))
+    uneven = th.tensor([0, 0, 0, 1, 2, 2])
+    assert not th.allclose(net(cands, states, uneven, share_states=True), net(cands, states, uneven))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -100,6 +101,8 @@ class RegionALEnv(gym.Env):
     ``reward_scale * (mIoU_t - mIoU_{t-1})`` on D_R (``reward_scale`` = 100), with ``mIoU_0``
     measured at reset. ``first_reward="absolute"`` reproduces the reference code, whose first reward
     of an episode is 100 x the absolute mIoU after step 1.
+    How much of a reward is the action and how much the step's training noise:
+    ``benchmarks/reward_noise.py`` (BENCHMARKS.md §5; ``trial_step`` tries an action and undoes it).
 
     ## Starting State
     ``reset`` restores the start network (``source`` in both modes, see ``MODE_START``;
@@ -364,6 +367,7 @@ class RegionALEnv(gym.Env):
         t0 = time.perf_counter()
         chosen = self._chosen_regions(action)
         chosen = chosen[: self.budget - self.pool.num_labeled]
+
         hist = self.pool.label(chosen, self.pool_split.labels)
         new = class_distribution(torch.from_numpy(hist)).to(self.device, torch.float64)
         self._labeled_dists = torch.cat([self._labeled_dists, new])
@@ -371,13 +375,7 @@ class RegionALEnv(gym.Env):
         self._selected = tuple((self.pool_split.image_names[b[0]], int(b[1]), int(b[2])) for b in boxes)
         self._last_ids = chosen
         t1 = time.perf_counter()
-        anchors = self._training_anchors(chosen)
-        for _ in range(self.config["epochs_per_step"]):
-            self.segmenter.fit_regions(self.pool_split, anchors, self.pool.labeled)
-            if self.config["step_start_data"] and self.start_data is not None:
-                self.segmenter.fit_images(self.start_data)
-        for _ in range(self.config["lr_decay_steps_per_step"]):
-            self.segmenter.step_lr()
+        self._train_step(chosen)
         t2 = time.perf_counter()
         previous = self._miou
         self._evaluate_reward_set()
@@ -404,7 +402,44 @@ class RegionALEnv(gym.Env):
             return np.ones(self.num_pools * self.pool_size, dtype=bool)
         return self._pools.mask.reshape(-1).copy()
 
+    def trial_step(self, action, seed: int | None = None) -> float:
+        """D_R mIoU after a real AL step with ``action`` from the current state; then everything is
+        undone: labels, network (weights, optimiser, schedule, RNG) and the env's generator.
+
+        Without ``seed`` the trial draws the same random numbers as the real step that follows it would
+        (common random numbers): two trials from one state differ by their regions alone. With ``seed``
+        the step's training randomness (minibatch order, dropout, replayed regions) is drawn from that
+        seed instead, which measures how much of a reward is training noise
+        (``benchmarks/reward_noise.py``).
+        """
+        seg, pool = self.segmenter, self.pool
+        seg_state, pool_state = seg.snapshot(), pool.snapshot()
+        rng_state = copy.deepcopy(self.np_random.bit_generator.state)
+        try:
+            if seed is not None:
+                seg.generator.manual_seed(int(seed))
+                self.np_random.bit_generator.state = np.random.PCG64(int(seed)).state
+            chosen = self._chosen_regions(action)[: self.budget - pool.num_labeled]
+            pool.label(chosen, self.pool_split.labels)
+            with torch.enable_grad():
+                self._train_step(chosen)
+            return float(seg.evaluate(self.reward_split).miou)
+        finally:
+            seg.restore(seg_state)
+            pool.restore(pool_state)
+            self.np_random.bit_generator.state = rng_state
+
     # --- internals ---------------------------------------------------------------------------
+    def _train_step(self, chosen: np.ndarray) -> None:
+        """The AL step's training after ``chosen`` was labeled (see ``train_regions``)."""
+        anchors = self._training_anchors(chosen)
+        for _ in range(self.config["epochs_per_step"]):
+            self.segmenter.fit_regions(self.pool_split, anchors, self.pool.labeled)
+            if self.config["step_start_data"] and self.start_data is not None:
+                self.segmenter.fit_images(self.start_data)
+        for _ in range(self.config["lr_decay_steps_per_step"]):
+            self.segmenter.step_lr()
+
     def _training_anchors(self, chosen: np.ndarray) -> np.ndarray:
         """The regions whose images the AL step trains on (see ``train_regions``)."""
         how = self.config["train_regions"]

@@ -70,6 +70,16 @@ class RegionPool:
         self._count = 0
         self.class_pixels[:] = 0
 
+    def snapshot(self) -> tuple[np.ndarray, ...]:
+        """Copies of the labeling state, for ``restore`` (an AL step tried and undone)."""
+        return (self.labeled.copy(), self.unlabeled_per_image.copy(), self._order.copy(),
+                np.int64(self._count), self.class_pixels.copy())  # fmt: skip
+
+    def restore(self, snapshot: tuple[np.ndarray, ...]) -> None:
+        labeled, per_image, order, count, class_pixels = snapshot
+        self.labeled[:], self.unlabeled_per_image[:], self._order[:] = labeled, per_image, order
+        self._count, self.class_pixels[:] = int(count), class_pixels
+
     # --- labeling -----------------------------------------------------------------------------
     def label(self, region_ids: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Mark regions labeled; returns their ground-truth class histograms ``[R, C + 1]``.
