@@ -532,7 +532,7 @@ class RalisDQN(DQN):
             if additive:
                 data = self.replay_buffer.sample_steps(batch_size)
                 # Every transition of a step carries the step's reward: one copy per step.
-                reward = th.zeros_like(data.rewards[: data.states.shape[0]]).index_put(
+                reward = data.rewards.new_zeros(data.states.shape[0]).index_put(
                     (data.state_index,), data.rewards
                 )
                 target = reward + self.gamma * _per_step_sum(self._next_values(data), data)
