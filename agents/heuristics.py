@@ -1,9 +1,10 @@
-"""Heuristic acquisition baselines (spec §7): per-pixel score maps and agents that act like the DQN.
+"""Baseline acquisition agents (the heuristics and the ground-truth oracles) that act like the DQN.
 
-Score maps are pure, vectorized torch functions on probability tensors; a region's score is the
-mean of the map over its pixels. The agents share the DQN's ``predict(obs)`` interface and pick the
-best candidate of each pool (never a masked one); they obtain the scores of the current candidates
-from ``RegionALEnv.score_candidates``, which runs the real segmentation network.
+The scores are those of ``ralis_gym.segmentation.uncertainty`` (per-pixel maps, pure vectorized torch
+functions on probability tensors; a region's score is the map's mean over its pixels). The agents
+share the DQN's ``predict(obs)`` interface and pick the best candidate of each pool (never a masked
+one); they obtain the scores of the current candidates from ``RegionALEnv.score_candidates``, which
+runs the real segmentation network.
 
 The scores live where the network lives: in the environment, which may be a plain ``gym.Env``, an
 SB3 ``VecEnv`` or a Gymnasium ``VectorEnv`` whose copies run in subprocesses. The agents only ever
@@ -20,12 +21,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
-from ralis_gym.segmentation.uncertainty import (  # noqa: F401  (re-exported)
-    pixel_bald,
-    pixel_class_rarity,
-    pixel_entropy,
-    pixel_margin,
-)
+from ralis_gym.errors import ConfigError
 
 
 def masked_argmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -74,7 +70,7 @@ class HeuristicAgent:
     def scores(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Scores shaped like ``obs["action_mask"]`` (``[K, N]`` or ``[n_envs, K, N]``)."""
         if self.env is None:
-            raise ValueError(f"{type(self).__name__} needs the environment to score candidates; pass env=")
+            raise ConfigError(f"{type(self).__name__} needs the environment to score candidates; pass env=")
         return env_scores(self.env, self.heuristic, **self.score_kwargs)
 
     def predict(
@@ -88,7 +84,7 @@ class HeuristicAgent:
         scores = self.scores(obs)
         if scores.shape != mask.shape:
             # e.g. a vectorized env's batch with a plain env's agent: argmax would broadcast silently
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}: scores {scores.shape} do not match action_mask {mask.shape}; "
                 "the agent's env= must be the environment (plain or vectorized) that produced obs"
             )
@@ -167,7 +163,5 @@ def make_heuristic_agent(
     """A baseline agent by method name (one of ``BASELINE_AGENTS``: the heuristics and the oracles);
     ``env`` may be plain or vectorized (see ``HeuristicAgent``)."""
     if name not in BASELINE_AGENTS:
-        from ralis_gym.errors import ConfigError
-
         raise ConfigError(f"unknown method {name!r}; choose one of {sorted(BASELINE_AGENTS)}")
     return BASELINE_AGENTS[name](env, seed=seed, **kwargs)

@@ -1,4 +1,7 @@
-"""The RALIS query network (spec §5) and an SB3 policy that acts with it on ``RegionALEnv`` observations.
+"""The RALIS query network and an SB3 policy that acts with it on ``RegionALEnv`` observations.
+
+The network is ``QueryNetworkDQN`` of ``models/query_network.py`` in the reference code
+(https://github.com/ArantxaCasanova/ralis).
 
 The network scores every candidate region of a pool from (i) the candidate's own features and (ii) the
 state of the segmentation network, summarised from the state set D_S. It is a *set* scorer: every layer on
@@ -18,9 +21,8 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 from torch.nn import functional as F
 
-#: Q-value given to masked (empty) candidate slots by :func:`masked_q_values`. Finite on purpose: ``-inf``
-#: turns into NaN as soon as it is multiplied by 0 (e.g. by ``1 - done`` at terminal states).
-MASK_FILL = -1e8
+from ralis_gym.errors import ConfigError
+
 #: Keys of the ``RegionALEnv`` observation Dict.
 OBS_KEYS = ("state", "candidates", "action_mask")
 
@@ -50,7 +52,7 @@ def _pre_act_conv(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class RalisQNetwork(nn.Module):
-    """Query network ``QueryNetworkDQN`` of the reference code (spec §5), same layers and parameter count.
+    """Query network ``QueryNetworkDQN`` of the reference code, same layers and parameter count.
 
     ``Q(s, a_n) = sigmoid(w_g . ReLU(BN(kl_n)) + b_g) * (w_o . BN([phi(a_n); psi(s)]) + b_o)`` with
 
@@ -172,16 +174,11 @@ def _invalid(mask: th.Tensor) -> th.Tensor:
     return ~mask if mask.dtype == th.bool else mask < 0.5
 
 
-def masked_q_values(q_values: th.Tensor, mask: th.Tensor) -> th.Tensor:
-    """Q-values with masked slots set to ``MASK_FILL`` (for inspection, logging, max over candidates)."""
-    return q_values.masked_fill(_invalid(mask), MASK_FILL)
-
-
 def masked_argmax(q_values: th.Tensor, mask: th.Tensor) -> th.Tensor:
     """Arg-max over the last axis ignoring slots where ``mask`` is 0 (an all-masked row gives index 0).
 
-    Masked slots are filled with the dtype's lowest FINITE value (not ``-inf``, not ``MASK_FILL``), so a
-    valid candidate wins even if its Q-value has drifted below -1e8.
+    Masked slots are filled with the dtype's lowest finite value rather than a fixed constant such as -1e8,
+    so a valid candidate wins even if its Q-value has drifted below that constant.
     """
     return q_values.masked_fill(_invalid(mask), th.finfo(q_values.dtype).min).argmax(dim=-1)
 
@@ -206,17 +203,17 @@ def check_pool_spaces(
     Fails early with a readable message rather than deep inside a tensor op.
     """
     if not isinstance(observation_space, spaces.Dict) or set(observation_space.spaces) != set(OBS_KEYS):
-        raise ValueError(f"observation space must be a Dict with keys {OBS_KEYS}, got {observation_space}")
+        raise ConfigError(f"observation space must be a Dict with keys {OBS_KEYS}, got {observation_space}")
     state, cands, mask = (observation_space[k].shape for k in OBS_KEYS)
     if len(state) != 2 or len(cands) != 3 or len(mask) != 2 or tuple(cands[:2]) != tuple(mask):
-        raise ValueError(
+        raise ConfigError(
             f"expected state [M, Ds], candidates [K, N, D], action_mask [K, N]; got {state}, {cands}, {mask}"
         )
     k_pools, n_cand = cands[:2]
     if not isinstance(action_space, spaces.MultiDiscrete) or action_space.shape != (k_pools,):
-        raise ValueError(f"action space must be MultiDiscrete([{n_cand}] * {k_pools}), got {action_space}")
+        raise ConfigError(f"action space must be MultiDiscrete([{n_cand}] * {k_pools}), got {action_space}")
     if np.any(action_space.nvec != n_cand):
-        raise ValueError(f"every pool must have {n_cand} choices, got nvec {action_space.nvec}")
+        raise ConfigError(f"every pool must have {n_cand} choices, got nvec {action_space.nvec}")
     return int(state[0]), int(state[1]), int(k_pools), int(n_cand), int(cands[2])
 
 
@@ -228,7 +225,7 @@ class RalisPolicy(BasePolicy):
     arg-max of Q with masked slots never chosen. Only ``M``, ``Ds`` and ``D`` are fixed by the weights:
     ``predict`` accepts any ``K`` and ``N`` (e.g. a policy trained on pools of 20 acting on pools of 10).
 
-    Modes follow the reference (spec §5/§6): eval (BatchNorm running statistics) for acting, train for the
+    Modes follow the reference: eval (BatchNorm running statistics) for acting, train for the
     optimisation step, and the target network is always in eval mode whatever ``train()`` is called with.
     The optimiser defaults to the reference's SGD (momentum 0.95, weight decay 1e-3) over the online net.
     """
@@ -262,7 +259,7 @@ class RalisPolicy(BasePolicy):
         )
         self.sim_size = int(sim_size)
         if cand_dim <= self.sim_size:
-            raise ValueError(
+            raise ConfigError(
                 f"candidate features ({cand_dim}) must be longer than sim_size ({self.sim_size})"
             )
         self.action_dim = cand_dim - self.sim_size
@@ -285,7 +282,7 @@ class RalisPolicy(BasePolicy):
         )
 
     def train(self, mode: bool = True) -> RalisPolicy:
-        """``nn.Module.train`` that keeps the target network in eval mode (spec §5)."""
+        """``nn.Module.train`` that keeps the target network in eval mode, as the reference does."""
         super().train(mode)
         self.q_net_target.train(False)
         return self

@@ -1,4 +1,8 @@
-"""RALIS DQN (spec §6) as a Stable-Baselines3 ``DQN`` subclass, with a per-pool replay buffer.
+"""RALIS DQN as a Stable-Baselines3 ``DQN`` subclass, with a per-pool replay buffer.
+
+The reference code (https://github.com/ArantxaCasanova/ralis) trains its query network in ``run.py``
+with ``select_action`` and ``optimize_model_conv`` of ``models/model_utils.py``; this is the same
+algorithm inside SB3's hooks.
 
 What SB3's DQN is missing for RALIS, and where it is added (the training loop itself is SB3's,
 ``OffPolicyAlgorithm.learn`` / ``collect_rollouts``):
@@ -31,6 +35,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from torch.nn import functional as F
 
 from agents.policies import RalisPolicy, check_pool_spaces, masked_argmax, sample_masked_actions
+from ralis_gym.errors import ConfigError
 
 SelfRalisDQN = TypeVar("SelfRalisDQN", bound="RalisDQN")
 #: how a step's reward is assigned to its K pool decisions (``RalisDQN(q_target=...)``)
@@ -81,7 +86,7 @@ class PoolReplayBufferSamples(NamedTuple):
 
 
 class PoolReplayBuffer(ReplayBuffer):
-    """Ring buffer of environment steps of a K-pool env; sampled as K transitions per step (spec §6).
+    """Ring buffer of environment steps of a K-pool env; sampled as K transitions per step.
 
     The reference pushes K transitions per step, ``(pool_k(s_t), S_t, a_t^k, pool_k(s_{t+1}), S_{t+1}, r)``,
     sharing the state tensor ``S`` by reference. Here one row per step (and env) holds
@@ -127,7 +132,7 @@ class PoolReplayBuffer(ReplayBuffer):
             buffer_size, observation_space, action_space, device, n_envs=n_envs
         )
         if optimize_memory_usage:
-            raise ValueError("PoolReplayBuffer does not support optimize_memory_usage")
+            raise ConfigError("PoolReplayBuffer does not support optimize_memory_usage")
         m, ds, k, n, d = check_pool_spaces(observation_space, action_space)
         self.optimize_memory_usage = False
         self.transition_capacity = int(buffer_size)
@@ -254,7 +259,7 @@ class ExponentialEpsilon:
 
     def __init__(self, initial: float = 0.9, final: float = 0.05, decay: float = 10.0) -> None:
         if decay <= 0:
-            raise ValueError(f"exploration_decay must be positive, got {decay}")
+            raise ConfigError(f"exploration_decay must be positive, got {decay}")
         self.initial, self.final, self.decay = float(initial), float(final), float(decay)
 
     def __call__(self, steps_done: int) -> float:
@@ -265,7 +270,7 @@ class ExponentialEpsilon:
 
 
 class RalisDQN(DQN):
-    """RALIS' DQN (spec §6) on ``RegionALEnv``-shaped envs: one candidate per pool, pools as transitions.
+    """RALIS' DQN on ``RegionALEnv``-shaped envs: one candidate per pool, pools as transitions.
 
     Defaults are the reference's CamVid settings: SGD (momentum 0.95, weight decay 1e-3, in the policy),
     ``learning_rate=1e-3`` decayed ×``lr_decay`` (0.97) per environment step and once more per finished
@@ -277,7 +282,7 @@ class RalisDQN(DQN):
     Learning-rate decay warning: 0.97 per step is what the reference does, and it makes the lr vanish:
     after one CamVid episode (20 steps + 1) it is ×0.53, after 10 episodes ×0.0017, and 0.97^2000 (the
     reference's 100 CamVid episodes) ≈ 3e-27, so learning effectively stops after ~10–15 episodes whatever
-    the number of episodes (spec §6). Set ``lr_decay=1.0`` (or closer to 1) for longer runs.
+    the number of episodes. Set ``lr_decay=1.0`` (or closer to 1) for longer runs.
 
     Acting: with probability ε (ONE Bernoulli draw per env step) all K sub-actions are uniformly random
     among the unmasked candidates of their pool, otherwise all are the per-pool greedy arg-max; masked
@@ -356,13 +361,13 @@ class RalisDQN(DQN):
         _init_setup_model: bool = True,
     ) -> None:
         if batch_size < 2:
-            raise ValueError(
+            raise ConfigError(
                 "batch_size must be >= 2: the query network's BatchNorm needs a batch in train mode"
             )
         if not 0.0 < lr_decay <= 1.0:
-            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+            raise ConfigError(f"lr_decay must be in (0, 1], got {lr_decay}")
         if q_target not in Q_TARGETS:
-            raise ValueError(f"q_target must be one of {Q_TARGETS}, got {q_target!r}")
+            raise ConfigError(f"q_target must be one of {Q_TARGETS}, got {q_target!r}")
         # DQN.__init__ hard-codes Discrete actions, so its body is inlined here around the base call.
         OffPolicyAlgorithm.__init__(
             self,
@@ -393,7 +398,9 @@ class RalisDQN(DQN):
         self.exploration_initial_eps = exploration_initial_eps
         self.exploration_final_eps = exploration_final_eps
         self.exploration_decay = exploration_decay
-        self.exploration_fraction = 1.0  # unused (SB3's linear schedule), kept for DQN._setup_model
+        # DQN._setup_model builds SB3's linear schedule from this before ours replaces it (ε decays
+        # with ExponentialEpsilon, not with this fraction)
+        self.exploration_fraction = 1.0
         self.target_update_interval = target_update_interval
         self._n_calls = 0
         self.max_grad_norm = max_grad_norm
@@ -413,7 +420,7 @@ class RalisDQN(DQN):
         if self.replay_buffer_class is None:
             self.replay_buffer_class = PoolReplayBuffer
         if not issubclass(self.replay_buffer_class, PoolReplayBuffer):
-            raise ValueError(f"RalisDQN needs a PoolReplayBuffer, got {self.replay_buffer_class.__name__}")
+            raise ConfigError(f"RalisDQN needs a PoolReplayBuffer, got {self.replay_buffer_class.__name__}")
         super()._setup_model()
         self.exploration_schedule = ExponentialEpsilon(
             self.exploration_initial_eps, self.exploration_final_eps, self.exploration_decay

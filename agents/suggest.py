@@ -1,9 +1,9 @@
 """The real-world use: rank every region of a folder of unlabeled images for annotation.
 
-All regions of the folder form one candidate set (the query network scores any number of
-candidates with the same weights), with the paper's features: region vectors from the segmentation
-network, KL histograms to the already-labeled regions (none here unless given) and to all
-candidates, and the state computed on a state set.
+All regions of the folder form one candidate pool (the query network scores any number of
+candidates with the same weights), with the environment's observation (``features.observation``):
+region vectors from the segmentation network, KL histograms to the already-labeled regions (none
+here unless given) and to all candidates, and the state computed on a state set.
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ import cv2
 import numpy as np
 import torch
 
-from ralis_gym.data.base import DatasetInfo, SegmentationSplit, read_image
+from ralis_gym.data.base import IMAGE_SUFFIXES, DatasetInfo, SegmentationSplit, image_files, read_image
 from ralis_gym.errors import DatasetError
-from ralis_gym.features import candidate_features, region_tables, state_features
-from ralis_gym.regions import RegionGrid
+from ralis_gym.features import observation
+from ralis_gym.regions import CandidatePools, RegionGrid
 from ralis_gym.segmentation.base import Segmenter
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def folder_split(folder: str | Path, info: DatasetInfo) -> SegmentationSplit:
     """Images of a folder as an unlabeled split (labels all ignore), resized to the dataset's size."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(folder)
     if not paths:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     w, h = info.image_size
@@ -52,20 +50,18 @@ def rank_regions(
 ) -> list[dict[str, Any]]:
     """Every region of ``unlabeled`` with its Q-value, best first: ``{"rank", "image", "box", "score"}``.
 
-    ``box`` is ``[x, y, width, height]`` in the split's (dataset-sized) pixel coordinates.
+    The observation is the environment's (``ralis_gym.features.observation``) with one pool that holds
+    every region, so the policy sees exactly the features it was trained on. ``box`` is
+    ``[x, y, width, height]`` in the split's (dataset-sized) pixel coordinates.
     """
     grid = RegionGrid(unlabeled.info.image_size, unlabeled.info.region_size)
-    tables = torch.cat(
-        [region_tables(p, grid) for _, p in segmenter.iter_proba(unlabeled)]
-    )  # [I, rows, cols, Ds]
     ids = np.arange(len(unlabeled) * grid.per_image)
-    image, row, col = grid.split_ids(ids)
-    vecs = tables[torch.as_tensor(image), torch.as_tensor(row), torch.as_tensor(col)]
-    cands = candidate_features(vecs, labeled_dists, (1, len(ids)))
-    state_vec = state_features(torch.cat([p for _, p in segmenter.iter_proba(state)]), grid)
+    pools = CandidatePools(ids[None], np.ones((1, ids.size), dtype=bool))
+    obs = observation(segmenter, unlabeled, state, grid, pools, labeled_dists)
     device = next(q_net.parameters()).device
     q_net.eval()
-    q = q_net(cands.to(device), state_vec[None].to(device), torch.zeros(1, dtype=torch.long, device=device))
+    cands, state_vec = (torch.from_numpy(obs[k]).to(device) for k in ("candidates", "state"))
+    q = q_net(cands, state_vec[None], torch.zeros(1, dtype=torch.long, device=device))
     scores = q.reshape(-1).double().cpu().numpy()
     order = np.argsort(-scores, kind="stable")
     boxes = grid.boxes(ids)

@@ -1,4 +1,4 @@
-"""Compare RALIS with the heuristic baselines on the paper's CamVid test protocol (spec §3.4, §8, §10).
+"""Compare RALIS with the heuristic baselines on the paper's CamVid test protocol.
 
     python benchmarks/compare_methods.py --policy runs/ralis_camvid_fast/ralis_final.zip
     python benchmarks/compare_methods.py --quick                      # 1 seed, 2 budgets, minutes
@@ -54,16 +54,16 @@ from agents import RalisDQN
 from agents.heuristics import BASELINE_AGENTS, make_heuristic_agent
 from ralis_gym.config import load_yaml, parse_dataclass_args
 from ralis_gym.data.camvid import CAMVID_RARE_CLASSES
+from ralis_gym.methods import HEURISTICS
 from ralis_gym.stats import sample_std, welch_t
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINES = ("random", "entropy", "bald", "margin", "class_balance")
 PAPER_BUDGETS = "480,720,960,1200,1440,1920"
 
 
 @dataclass
 class Args:
-    methods: str = "random,entropy,bald,margin,class_balance,oracle,ralis"
+    methods: str = ",".join((*HEURISTICS, "oracle", "ralis"))
     seeds: str = "0,1,2,3,4"
     budgets: str = PAPER_BUDGETS
     policy: str = "runs/ralis_camvid_fast/ralis_final.zip"  # RalisDQN .zip for "ralis" (or "ralis-<tag>")

@@ -4,7 +4,7 @@ Part 1 runs each model on the same protocol (default: the CamVid test protocol, 
 N = 10, reward on all 101 D_R images, state from the 10 D_S images), in its own subprocess so that
 its peak memory (RSS, and CUDA when used) is its own, and prints the median of each part of a step:
 segmentation training on the new regions, reward evaluation on D_R, features of the next
-observation (pool sampling, predictions, spec §4 features), and the agent's decision (the RALIS
+observation (pool sampling, predictions, state and candidate features), and the agent's decision (the RALIS
 Q-network on the observation; the entropy baseline's scoring of the candidates). All parts are
 measured in the same run; the last column is paper / fast.
 

@@ -1,9 +1,9 @@
-"""Timings of the state/action features (spec §4) on random inputs: a Markdown table.
+"""Timings of the state/action features (region vectors, KL histograms) on random inputs: a Markdown table.
 
 * ``kl_histograms`` of the KL-to-candidates term (all K·N candidates against each other) and the
   whole ``candidate_features`` (region vector + KL-to-labeled + KL-to-candidates) for pool shapes
   from the CamVid test (24 x 10) to the Cityscapes test (256 x 100, 25,600 candidates);
-* ``region_vectors`` of every region of a batch of CamVid (480x360, 11 classes) and Cityscapes
+* ``region_tables`` (every region vector) of a batch of CamVid (480x360, 11 classes) and Cityscapes
   (2048x1024, 19 classes) softmax maps.
 
 Candidate histograms are drawn from random class probabilities (multinomial pixel counts with the
@@ -80,16 +80,14 @@ def run_pool_case(k: int, n: int, n_lab: int, classes: int, pixels: int, repeats
 def run_image_case(
     images: int, classes: int, w: int, h: int, rw: int, rh: int, repeats: int, device: str
 ) -> dict:
-    from ralis_gym.features import region_vectors
+    from ralis_gym.features import region_tables
     from ralis_gym.regions import RegionGrid
 
     grid = RegionGrid((w, h), (rw, rh))
     gen = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(images, classes, h, w, generator=gen) * 3, dim=1).to(device)
-    ids = np.arange(images * grid.per_image)
-    slot, row, col = (torch.from_numpy(a).to(device) for a in grid.split_ids(ids))
-    t = timed(lambda: region_vectors(probs, slot, row, col, grid), repeats)
-    return {"seconds": t, "regions": int(ids.size)}
+    t = timed(lambda: region_tables(probs, grid), repeats)
+    return {"seconds": t, "regions": int(images * grid.per_image)}
 
 
 def child(spec: dict) -> None:
@@ -139,7 +137,7 @@ def main() -> None:
             f"{r['candidate_s']:.3f} | {r['peak_rss_mib']:.0f} |",
             flush=True,
         )
-    print("\n| dataset | images | image WxH | C | regions | region_vectors s | s / image | peak RSS MiB |")
+    print("\n| dataset | images | image WxH | C | regions | region_tables s | s / image | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for case in IMAGE_CASES:
         name, images, classes, w, h, _, _ = case

@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ralis_gym.errors import ConfigError, RalisGymError
+from ralis_gym.errors import RalisGymError
 from ralis_gym.methods import METHODS
+
+#: set to 1 to see the traceback of a user error too (``main`` prints one line by default)
+TRACEBACK_ENV = "RALIS_GYM_TRACEBACK"
 
 MAIN_JOB_HELP = """\
 The main job, end to end on CamVid: find the data (download it if absent), pretrain the start
 network if it is not cached, run active learning with each strategy to the budget, train on the
 acquired regions until D_R mIoU stops improving, then print test mIoU and save a plot and JSON."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line, like every other user error of ``main``: the usage
+    block is left out and the line points to ``--help`` instead."""
+
+    def error(self, message: str):
+        self.exit(2, f"ralis-gym: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer > 0 (refused at parse time, before any data is read)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -96,14 +119,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job: the registered environment in test mode, driven by each baseline agent."""
     import gymnasium as gym
     import numpy as np
+    import torch
 
     import ralis_gym  # noqa: F401  (registers the environments)
     from agents.heuristics import make_heuristic_agent
     from ralis_gym.envs.region_al import run_agent
-
-    if args.budget <= 0 or args.num_pools <= 0 or args.pool_size <= 0 or args.threads <= 0:
-        raise ConfigError("--budget, --num-pools, --pool-size and --threads must be positive")
-    import torch
 
     # Float sums run in another order with another thread count, and training amplifies the last
     # bits: one thread (the default) gives the README's numbers on any machine.
@@ -198,7 +218,7 @@ def _plot_run(results: dict, path: Path, dataset: str, start: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ralis-gym",
         description="Region-based active learning for semantic segmentation (RALIS, ICLR 2020).",
     )
@@ -234,13 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--strategies", nargs="+", default=["random", "entropy", "oracle"], choices=list(METHODS),
                    help="baseline agents to run (default: random entropy oracle; oracle reads the labels)")  # fmt: skip
-    p.add_argument("--budget", type=int, default=480, help="regions to label (default: 480)")
-    p.add_argument("--num-pools", type=int, default=24, help="K, regions labeled per step (default: 24)")
-    p.add_argument("--pool-size", type=int, default=10, help="N, candidates per pool (default: 10)")
+    p.add_argument("--budget", type=positive_int, default=480, help="regions to label (default: 480)")
+    p.add_argument(
+        "--num-pools",
+        type=positive_int,
+        default=None,
+        help="K, regions labeled per step (default: the dataset protocol's test value, CamVid 24)",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=positive_int,
+        default=None,
+        help="N, candidates per pool (default: the dataset protocol's test value, CamVid 10)",
+    )
     p.add_argument("--out", default="outputs/run", help="output folder (default: outputs/run)")
     p.add_argument("--config", default=None,
                    help="YAML of environment settings (RegionALEnv.default_config() keys) over these")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1: the same numbers on every machine; more is faster, other numbers)")  # fmt: skip
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing data")
     p.set_defaults(func=cmd_run)
@@ -346,16 +376,34 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``ralis-gym`` command; returns its exit status.
+
+    A user error ends in ONE line on stderr, ``ralis-gym: error: <what, and how to fix it>``, and
+    exit status 2, never a traceback. User errors are: bad arguments (argparse, raised as
+    ``SystemExit(2)``); ``RalisGymError`` (``ConfigError``: a wrong value in the arguments or the
+    config; ``DatasetError``: data missing, incomplete or corrupt, naming the file;
+    ``DownloadError``); and ``OSError`` (a file or folder the user named cannot be read or written:
+    missing, no permission, disk full). Any other exception is a bug and keeps its traceback.
+    ``RALIS_GYM_TRACEBACK=1`` shows the traceback of user errors as well (for a bug report).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except RalisGymError as err:
-        print(f"ralis-gym: error: {err}", file=sys.stderr)
+    except (RalisGymError, OSError) as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"ralis-gym: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a multi-line message, e.g. a YAML parser's, is joined)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ import dataclasses
 import difflib
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,16 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return dict(data)
 
 
+def check_keys(keys: Iterable[Any], valid: Sequence[str], where: str = "config") -> None:
+    """Raise ``ConfigError`` for the first key not in ``valid``, with the closest valid key as a hint
+    (a typo such as ``budjet`` is answered with ``did you mean 'budget'?``) and the valid keys."""
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), [str(k) for k in valid], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(map(str, valid))}")
+
+
 def merge_config(
     defaults: Mapping[str, Any], *updates: Mapping[str, Any] | None, where: str = "config"
 ) -> dict[str, Any]:
@@ -45,11 +55,8 @@ def merge_config(
     for update in updates:
         if not update:
             continue
+        check_keys(update, sorted(out), where)
         for key, value in update.items():
-            if key not in out:
-                close = difflib.get_close_matches(str(key), [str(k) for k in out], n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown {where} key {key!r}{hint}; valid keys: {sorted(out)}")
             if isinstance(out[key], Mapping) and out[key] and isinstance(value, Mapping):
                 out[key] = merge_config(out[key], value, where=f"{where}.{key}")
             else:

@@ -1,4 +1,12 @@
-"""Exceptions with messages a user can act on."""
+"""Exceptions with messages a user can act on.
+
+The rule: a mistake in what a user chose (an argument, a config key or value, a file they named)
+raises ``ConfigError``; missing, incomplete or corrupt data raises ``DatasetError``. Both subclass
+``ValueError``. A plain ``ValueError`` is left for broken internal invariants (tensor shapes passed
+between components, region ids out of range: a bug, not a user error) and for low-level decoders
+whose callers re-raise it with context (the annotation RLE decoders). The CLI prints every
+``RalisGymError`` as one line (``ralis_gym.cli.main``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ class DatasetError(RalisGymError, ValueError):
 
 
 class ConfigError(RalisGymError, ValueError):
-    """A configuration key or value is invalid."""
+    """A configuration key or value, or an argument a user chose, is invalid."""
 
 
 class DownloadError(RalisGymError):

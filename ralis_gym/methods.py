@@ -7,7 +7,7 @@ so they bound what a policy can gain and are never a heuristic a user could run 
 
 from __future__ import annotations
 
-#: spec §7 plus margin and this project's class balance
+#: the reference code's baselines (random, entropy, BALD) plus margin and this project's class balance
 HEURISTICS = ("random", "entropy", "margin", "bald", "class_balance")
 #: ground-truth references
 ORACLES = ("oracle", "oracle_loss", "oracle_rarity")

@@ -11,7 +11,8 @@ from tests.fixtures_data import default_data_root, find_camvid_root
 
 @pytest.fixture(scope="session")
 def camvid_root() -> Path:
-    """The data root holding the real CamVid (``$RALIS_GYM_DATA`` or /work/shared/data), or skip."""
+    """The data root holding the real CamVid (``$RALIS_GYM_DATA``, else ``../shared/data`` relative
+    to the repository root), or skip."""
     root = find_camvid_root()
     if root is None:
         pytest.skip(

@@ -19,12 +19,14 @@ import yaml
 
 from ralis_gym.paths import DATA_ENV
 
-DEFAULT_DATA_ROOT = Path("/work/shared/data")
+# The README's convention when RALIS_GYM_DATA is not set: ``shared/data`` beside the checkout.
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CAMVID_SPLITS = ("train", "val", "test")
 
 
 def default_data_root() -> Path:
-    """The data root holding the real datasets: ``$RALIS_GYM_DATA`` if set, else the shared folder."""
+    """The data root holding the real datasets: ``$RALIS_GYM_DATA`` if set, else ``../shared/data``
+    relative to the repository root."""
     env = os.environ.get(DATA_ENV)
     return Path(env).expanduser() if env else DEFAULT_DATA_ROOT
 
@@ -105,7 +107,7 @@ def make_cityscapes_fixture(
     Writes random RGB ``<city>_<seq>_<frame>_leftImg8bit.png`` images of ``size`` (w, h) and
     ``..._gtFine_labelIds.png`` labels with random labelIds in 0..33 (plus a few 255).
     With ``include_state_set`` the first 10 train images carry the names of the reference state
-    set (spec §1.1), so ``Cityscapes`` uses them as ``d_s``.
+    set (``CITYSCAPES_STATE_SET``), so ``Cityscapes`` uses them as ``d_s``.
     """
     from ralis_gym.data.cityscapes import CITYSCAPES_STATE_SET
 

@@ -22,7 +22,7 @@ from ralis_gym.errors import ConfigError, DatasetError
 from ralis_gym.paths import CACHE_ENV
 from tests.fixtures_data import make_cityscapes_fixture, make_custom_fixture, write_png
 
-# spec §1.2, written out independently of the package's table
+# the official Cityscapes labelId -> trainId table, written out independently of the package's
 SPEC_LABEL_TO_TRAIN = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
@@ -73,7 +73,7 @@ def test_info() -> None:
     assert CITYSCAPES_INFO.class_names[13] == "car"
     assert CITYSCAPES_INFO.class_names[18] == "bicycle"
     assert len(CITYSCAPES_INFO.palette) == 19
-    # 128x128 regions tile 2048x1024 into 16 x 8 = 128 regions per image (spec §2)
+    # 128x128 regions tile 2048x1024 into 16 x 8 = 128 regions per image, as in the reference
     (w, h), (rw, rh) = CITYSCAPES_INFO.image_size, CITYSCAPES_INFO.region_size
     assert (w % rw, h % rh) == (0, 0)
     assert (w // rw) * (h // rh) == 128
@@ -210,6 +210,9 @@ def test_custom_yaml_round_trip(tmp_path: Path) -> None:
     assert again.role_names() == ds.role_names()
     np.testing.assert_array_equal(again.split("d_t").images, ds.split("d_t").images)
     assert again.info.palette_array()[:3].tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    yml = ds.write_config(tmp_path / "elsewhere" / "frozen.yml")  # both suffixes open by path
+    assert load_dataset(str(yml)).role_names() == ds.role_names()
+    assert sorted(p.name for p in yml.parent.iterdir()) == ["frozen.yaml", "frozen.yml"]
 
 
 def test_custom_explicit_splits(tmp_path: Path) -> None:
@@ -250,7 +253,7 @@ def test_custom_unknown_image_in_split(tmp_path: Path) -> None:
 
 def test_custom_bad_key(tmp_path: Path) -> None:
     path = make_custom_fixture(tmp_path, n=4, config={"clases": ["a"]})
-    with pytest.raises(ConfigError, match="unknown key 'clases'") as exc:
+    with pytest.raises(ConfigError, match=r"unknown key 'clases' \(did you mean 'class_names'\?\)") as exc:
         load_dataset(str(path))
     for key in ("class_names", "region_size", "split_fractions", "palette"):
         assert key in str(exc.value)

@@ -4,13 +4,14 @@ environment driven by the baseline agents) on a tiny real-CamVid configuration, 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from ralis_gym.data.camvid import CAMVID_COUNTS
+from tests.fixtures_data import make_camvid_fixture
+from tests.helpers import run_python, write_yaml
 
 # Scratch start network (no pretraining inside the test), small pools and reward set.
 TINY_RUN = {
@@ -20,17 +21,19 @@ TINY_RUN = {
 }
 
 
-def ralis_gym(*args: str, root: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RALIS_GYM_DATA": str(root), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "ralis_gym.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+def ralis_gym(*args: str, root: Path, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return run_python("-m", "ralis_gym.cli", *args, root=root, cwd=cwd, **kw)
+
+
+def shown_lines(stderr: str) -> list[str]:
+    """The non-empty lines a terminal shows of ``stderr``: text before a carriage return on the same
+    line is overwritten (a progress bar that ``leave=False`` erases before the error line)."""
+    shown = (line.rsplit("\r", 1)[-1].strip() for line in stderr.split("\n"))
+    return [line for line in shown if line]
 
 
 def test_run_drives_the_environment_with_every_requested_agent(camvid_root, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_RUN))
+    config = write_yaml(tmp_path / "tiny.yaml", TINY_RUN)
     out = tmp_path / "out"
     proc = ralis_gym(
         "run", "--config", str(config), "--strategies", "random", "margin", "oracle", "--budget", "16",
@@ -48,16 +51,41 @@ def test_run_drives_the_environment_with_every_requested_agent(camvid_root, tmp_
     assert (out / "miou_vs_budget.png").stat().st_size > 10_000
 
 
+def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit status 2 and one line on stderr, ``ralis-gym: error: ...`` holding ``message``."""
+    lines = shown_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("ralis-gym: error: ") and message in lines[0], proc.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--budget", "-5"], "must be positive"),
-        (["--num-pools", "0"], "must be positive"),
-        (["--threads", "0"], "must be positive"),
-        (["--strategies", "coreset"], "invalid choice"),
+        (["--budget", "-5"], "argument --budget: must be positive"),
+        (["--budget", "999999"], "exceeds the 6168 regions of the pool"),  # D_V: 257 images x 24
+        (["--num-pools", "0"], "argument --num-pools: must be positive"),
+        (["--pool-size", "-1"], "argument --pool-size: must be positive"),
+        (["--threads", "0"], "argument --threads: must be positive"),
+        (["--strategies", "coreset"], "invalid choice: 'coreset'"),
+        (["--data-root", "/nonexistent"], "CamVid not found: /nonexistent/camvid does not exist"),
+        (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
     ],
 )
 def test_run_rejects_bad_input_with_one_line(args, message, camvid_root, tmp_path):
-    proc = ralis_gym("run", *args, "--no-download", root=camvid_root, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    """Refused before any long work (the budget against the pool is checked before pretraining)."""
+    proc = ralis_gym(
+        "run", *args, "--no-download", "--out", str(tmp_path / "out"), root=camvid_root, cwd=tmp_path
+    )
+    assert_one_line_error(proc, message)
+
+
+def test_run_refuses_a_corrupt_image_with_one_line(tmp_path):
+    """A CamVid folder with every file present but one training image overwritten by garbage."""
+    root = make_camvid_fixture(tmp_path / "data", counts=CAMVID_COUNTS, size=(16, 12))
+    corrupt = root / "camvid" / "train" / "train_0000.png"
+    corrupt.write_bytes(bytes(range(256)) * 4)
+    proc = ralis_gym(
+        "run", "--no-download", "--out", str(tmp_path / "out"), root=root, cwd=tmp_path,
+        env={"RALIS_GYM_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert_one_line_error(proc, str(corrupt))

@@ -1,8 +1,9 @@
 """Download tests against a real HTTP server on the loopback interface (no internet).
 
-The server serves a handful of CamVid files (real ones from shared/data/camvid when present, random
-bytes otherwise), answers ``Range`` requests with 206, and can be told to fail, truncate a body or
-ignore ``Range``, so resume, retry and checksum paths are exercised over real sockets.
+The server serves a handful of CamVid files (real ones from ``default_data_root()/camvid`` when
+present, random bytes otherwise), answers ``Range`` requests with 206, and can be told to fail,
+truncate a body or ignore ``Range``, so resume, retry and checksum paths are exercised over real
+sockets.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import pytest
 
 from ralis_gym.data import download as dl
 from ralis_gym.data.dataset import verify_manifest
-from ralis_gym.errors import DownloadError, RalisGymError
+from ralis_gym.errors import ConfigError, DownloadError, RalisGymError
+from tests.fixtures_data import default_data_root
 
-# The real CamVid sits next to the checkout (<repo>/../shared/data/camvid) on the project machines.
-SHARED_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+SHARED_CAMVID = default_data_root() / "camvid"
 FILES = [
     "train/0001TP_006690.png",
     "trainannot/0001TP_006690.png",
@@ -304,6 +305,8 @@ def test_manifest_validation(tmp_path: Path, served: tuple[Path, Path]) -> None:
         dl.read_manifest(bad)
     with pytest.raises(DownloadError, match="not in the manifest"):
         dl.download_camvid(tmp_path, manifest=served[1], files=["train/nope.png"], progress=False)
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        dl.download_camvid(tmp_path, manifest=served[1], workers=0, progress=False)
 
 
 def test_shipped_manifest_and_pinned_url() -> None:

@@ -12,7 +12,8 @@ from gymnasium.utils.env_checker import check_env
 import ralis_gym
 from ralis_gym.envs import RegionALEnv
 from ralis_gym.errors import ConfigError
-from tests.fixtures_data import make_cityscapes_fixture
+from ralis_gym.features import region_vector_dim
+from tests.fixtures_data import make_cityscapes_fixture, make_custom_fixture
 
 # Tiny but real: real CamVid images and labels, a real network trained for real, few images per role.
 TINY = {
@@ -26,16 +27,19 @@ TINY_PAPER_MODEL = {"layers": (1, 1, 1, 1), "crop_size": (64, 64), "batch_size":
 
 
 @pytest.fixture(scope="module")
-def data_roots(camvid_root, tmp_path_factory):
-    cs_root = tmp_path_factory.mktemp("cityscapes_root")
-    make_cityscapes_fixture(cs_root, n_train=24, n_val=3, size=(256, 128))
-    return {"camvid": camvid_root, "cityscapes": cs_root}
+def cityscapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cityscapes_root")
+    make_cityscapes_fixture(root, n_train=24, n_val=3, size=(256, 128))
+    return root
 
 
-def _tiny_kwargs(env_id: str, roots: dict) -> dict:
+def _tiny_kwargs(env_id: str, request: pytest.FixtureRequest) -> dict:
+    """Tiny keyword arguments for a registered id; its data root from the fixtures (the synthetic
+    Cityscapes for Cityscapes ids, which so run without the real CamVid)."""
     kwargs = dict(TINY)
     spec_kwargs = gym.spec(env_id).kwargs
-    kwargs["data_root"] = str(roots[spec_kwargs["dataset"]])
+    is_cs = spec_kwargs["dataset"] == "cityscapes"
+    kwargs["data_root"] = str(request.getfixturevalue("cityscapes_root" if is_cs else "camvid_root"))
     if spec_kwargs["model"] == "paper":
         kwargs["model_kwargs"] = TINY_PAPER_MODEL
         kwargs["device"] = "cpu"
@@ -49,10 +53,10 @@ def _tiny_kwargs(env_id: str, roots: dict) -> dict:
 
 
 @pytest.mark.parametrize("env_id", sorted(ralis_gym.ENV_IDS))
-def test_every_registered_env_passes_gymnasium_and_sb3_checkers(env_id, data_roots):
+def test_every_registered_env_passes_gymnasium_and_sb3_checkers(env_id, request):
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    env = gym.make(env_id, render_mode="rgb_array", **_tiny_kwargs(env_id, data_roots))
+    env = gym.make(env_id, render_mode="rgb_array", **_tiny_kwargs(env_id, request))
     check_env(env.unwrapped)
     sb3_check_env(env.unwrapped, warn=True)
     env.reset(seed=0)
@@ -143,20 +147,25 @@ def test_info_contents_and_masked_actions(fast_env):
     assert info["labeled_regions"] == 3 and len(info["selected"]) == 3
     assert info["labeled_class_pixels"].sum() == 3 * 80 * 90
     assert np.isfinite(reward)
-    # Force a masked slot: label all but 2 regions of the tiny pool, then pick an empty slot.
+    # Force a masked slot: label all but this step's K picks and 2 more regions behind the env's back, then
+    # let the real step label the picks: the next pools (the step's transition) hold the last 2 regions.
+    budget, env.budget = env.budget, env.pool.num_regions  # the module's env: put back below
     pool = env.pool
     free = np.flatnonzero(~pool.labeled.reshape(-1))
-    ids = env.grid.make_ids(*np.unravel_index(free, pool.labeled.shape))[:-2]
-    pool.label(ids)
-    env._observe()
-    mask = env._pools.mask
-    assert mask.sum() == 2
+    ids = env.grid.make_ids(*np.unravel_index(free, pool.labeled.shape))
+    action = np.argmax(info["action_mask"], axis=1)
+    picks = env._pools.region_ids[np.arange(env.num_pools), action]
+    pool.label(ids[~np.isin(ids, picks)][:-2])
+    _, _, terminated, _, info = env.step(action)
+    mask = info["action_mask"]
+    assert not terminated and mask.sum() == 2
     k = int(np.flatnonzero(mask.any(1))[0])
     empty = int(np.flatnonzero(~mask[k])[0])
     action = np.argmax(mask, axis=1)
     action[k] = empty
     with pytest.raises(ValueError, match=f"pool {k}.*masked"):
         env.step(action)
+    env.budget = budget
 
 
 def test_bad_config_key_and_values_raise_clear_errors(camvid_root):
@@ -172,11 +181,10 @@ def test_al_step_training_sets_follow_train_regions(camvid_root):
     """``last`` trains on the K new regions, ``all`` on every labeled one, ``replay`` on the new ones
     plus ``replay_regions`` distinct earlier labeled regions (a seeded draw)."""
     env = RegionALEnv(data_root=str(camvid_root), model="fast", **{**TINY, "budget": 12, "replay_regions": 2})
-    env.reset(seed=3)
     rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=3)
     for _ in range(2):
-        obs = env._observe()
-        env.step(np.array([rng.choice(np.flatnonzero(m)) for m in obs["action_mask"] > 0]))
+        obs, *_ = env.step(np.array([rng.choice(np.flatnonzero(m)) for m in obs["action_mask"] > 0]))
     order = env.pool.order
     chosen = order[-3:]
     anchors = env._training_anchors(chosen)
@@ -322,3 +330,35 @@ def test_trial_step_is_the_real_step_and_is_undone(fast_env):
     for (ra, ma, la, ca), (rb, mb, lb, cb) in zip(plain, tried):
         assert ra == rb and ma == mb and la == lb
         np.testing.assert_array_equal(ca, cb)
+
+
+def test_score_features_append_the_heuristics_scores_before_the_kl_histograms(camvid_root):
+    """``score_features``: each candidate's row is ``[region vector | scores | KL histograms]``, the
+    scores those of ``score_candidates`` (masked slots zero), and the rest as without them."""
+    kwargs = {"data_root": str(camvid_root), "model": "fast", **TINY}
+    plain = RegionALEnv(**kwargs)
+    scored = RegionALEnv(**kwargs, score_features=["margin", "class_balance"])
+    a, _ = plain.reset(seed=5)
+    b, _ = scored.reset(seed=5)
+    ds = region_vector_dim(plain.info_.num_classes)
+    assert b["candidates"].shape[-1] == a["candidates"].shape[-1] + 2 and b in scored.observation_space
+    np.testing.assert_array_equal(b["candidates"][..., :ds], a["candidates"][..., :ds])
+    np.testing.assert_array_equal(b["candidates"][..., ds + 2 :], a["candidates"][..., ds:])
+    mask = b["action_mask"] > 0
+    for j, method in enumerate(("margin", "class_balance")):
+        expected = scored.score_candidates(method)[mask]
+        np.testing.assert_allclose(b["candidates"][..., ds + j][mask], expected, rtol=1e-6)
+    with pytest.raises(ConfigError, match="score_features"):
+        RegionALEnv(**kwargs, score_features=["oracle"])
+
+
+def test_a_dataset_without_a_reference_protocol_must_set_pools_and_budget(tmp_path):
+    """A custom dataset has no K / N / budget of the reference scripts: the env names what to set
+    instead of silently using CamVid's (no real data needed: refused before the network is built)."""
+    path = make_custom_fixture(tmp_path, n=20)
+    with pytest.raises(ConfigError, match="no reference protocol.*set num_pools, regions_per_pool, budget"):
+        RegionALEnv(dataset=str(path), model="fast", start_network="scratch")
+    with pytest.raises(ConfigError, match="set budget in the config"):
+        RegionALEnv(dataset=str(path), model="fast", start_network="scratch", num_pools=2, regions_per_pool=3)
+    with pytest.raises(ConfigError, match="num_pools must be a positive whole number"):
+        RegionALEnv(dataset=str(path), model="fast", num_pools=0, regions_per_pool=3, budget=4)

@@ -10,13 +10,12 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+
+from tests.helpers import run_python, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # Same state set and pool shape in train and test: a policy trained here acts there unchanged.
@@ -27,15 +26,7 @@ TINY_TRAIN = {
 
 
 def run_script(script: str, *args: str, root: Path, cwd: Path) -> str:
-    env = {**os.environ, "RALIS_GYM_DATA": str(root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_python(str(REPO / script), *args, root=root, cwd=cwd)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -44,8 +35,7 @@ def run_script(script: str, *args: str, root: Path, cwd: Path) -> str:
 def trained_policy(camvid_root, tmp_path_factory) -> tuple[Path, Path]:
     """train_ralis.py for 2 episodes, killed (a checkpoint is all that is left), resumed to 3."""
     work = tmp_path_factory.mktemp("train_ralis")
-    config = work / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_TRAIN))
+    config = write_yaml(work / "tiny.yaml", TINY_TRAIN)
     out = work / "run"
     common = ["--config", str(config), "--out", str(out), "--checkpoint-every", "2", "--buffer-size", "50"]
     run_script("examples/train_ralis.py", *common, "--episodes", "2", root=camvid_root, cwd=work)
@@ -79,8 +69,7 @@ def test_train_ralis_checkpoints_logs_and_resumes(trained_policy, camvid_root):
 def test_train_ralis_collects_episodes_in_subprocesses(camvid_root, tmp_path):
     """``--n-envs 2``: SB3's SubprocVecEnv steps two envs in worker processes; both episodes of the
     first vector step end together and are logged, and the additive target trains on their pools."""
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_TRAIN))
+    config = write_yaml(tmp_path / "tiny.yaml", TINY_TRAIN)
     out = tmp_path / "run"
     run_script(
         "examples/train_ralis.py", "--config", str(config), "--out", str(out), "--n-envs", "2", "--episodes", "4",
@@ -97,8 +86,7 @@ def test_train_ralis_collects_episodes_in_subprocesses(camvid_root, tmp_path):
 
 
 def test_reward_noise_tries_each_action_under_each_training_seed(camvid_root, tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_TRAIN))
+    config = write_yaml(tmp_path / "tiny.yaml", TINY_TRAIN)
     out = tmp_path / "noise.csv"
     text = run_script(
         "benchmarks/reward_noise.py", "--config", str(config), "--states", "0", "--warm", "0,1", "--train-seeds", "0,1,2",

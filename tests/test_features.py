@@ -1,4 +1,4 @@
-"""State/action features (spec §4) against slow, obviously-correct loop references.
+"""State/action features (the reference's ``compute_state``) against slow, obviously-correct loops.
 
 The references loop over regions, cells, candidates and pairs in Python and use ``np.histogram`` and
 ``scipy.stats.entropy`` (when scipy is installed; else the same formula written out), i.e. what the
@@ -23,13 +23,12 @@ from ralis_gym.features import (
     kl_histograms,
     pool_kernel,
     region_vector_dim,
-    region_vectors,
-    state_features,
+    tables_in_id_order,
 )
 from ralis_gym.features.kl import _row_histograms
 from ralis_gym.features.regions import entropy_map, region_tables
 from ralis_gym.regions import RegionGrid, RegionPool
-from ralis_gym.segmentation.base import pixel_entropy
+from ralis_gym.segmentation.uncertainty import pixel_entropy
 
 try:
     from scipy.stats import entropy as scipy_entropy
@@ -116,7 +115,7 @@ def test_region_vectors_match_the_per_region_reference(grid: RegionGrid) -> None
     rng = np.random.default_rng(0)
     ids = rng.choice(3 * grid.per_image, size=10, replace=False)
     image, row, col = grid.split_ids(ids)
-    got = region_vectors(probs, torch.from_numpy(image), torch.from_numpy(row), torch.from_numpy(col), grid)
+    got = region_tables(probs, grid)[torch.from_numpy(image), torch.from_numpy(row), torch.from_numpy(col)]
     assert got.shape == (10, region_vector_dim(classes)) and got.dtype == torch.float32
     rw, rh = grid.region_size
     for k, (i, x, y, _, _) in enumerate(grid.boxes(ids)):
@@ -142,7 +141,7 @@ def test_camvid_geometry_every_region_of_an_image() -> None:
 def test_region_vector_invariants() -> None:
     classes = 11
     probs = random_probs(2, classes, CAMVID_GRID, seed=3, sharp=1.0)
-    vecs = state_features(probs, CAMVID_GRID)
+    vecs = tables_in_id_order(region_tables(probs, CAMVID_GRID))
     hist = vecs[:, : classes + 1].double()
     pixels = 80 * 90
     present = hist > 0.5
@@ -156,13 +155,14 @@ def test_region_vector_invariants() -> None:
     assert pools.min() >= 0 and pools.max() <= math.log(classes) + 1e-5
 
 
-def test_state_features_follow_region_id_order() -> None:
+def test_state_rows_follow_region_id_order() -> None:
     grid = CROPPED_GRID
     probs = random_probs(3, 4, grid, seed=4)
-    state = state_features(probs, grid)
+    tables = region_tables(probs, grid)
+    state = tables_in_id_order(tables)
     assert state.shape == (3 * grid.per_image, region_vector_dim(4))
     image, row, col = (torch.from_numpy(a) for a in grid.split_ids(np.arange(3 * grid.per_image)))
-    torch.testing.assert_close(state, region_vectors(probs, image, row, col, grid), rtol=0, atol=0)
+    torch.testing.assert_close(state, tables[image, row, col], rtol=0, atol=0)
     # x-major: the second region of an image is the one below the first (same column).
     _, x, y, _, _ = grid.boxes(np.array([1]))[0]
     ref = ref_region_vector(probs[0].numpy(), int(x), int(y), *grid.region_size)
@@ -338,8 +338,8 @@ def test_candidate_features_camvid_shape_and_empty_labeled_set() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_features_on_cuda_equal_cpu() -> None:  # pragma: no cover - exercised on GPU machines
     probs = random_probs(2, 5, CROPPED_GRID, seed=12)
-    cpu = state_features(probs, CROPPED_GRID)
-    torch.testing.assert_close(state_features(probs.cuda(), CROPPED_GRID).cpu(), cpu, rtol=0, atol=1e-5)
+    cpu = region_tables(probs, CROPPED_GRID)
+    torch.testing.assert_close(region_tables(probs.cuda(), CROPPED_GRID).cpu(), cpu, rtol=0, atol=1e-5)
     rng = np.random.default_rng(12)
     vecs = torch.from_numpy(synthetic_vectors(60, 5, rng)).float()
     lab = class_distribution(rng.integers(0, 50, size=(9, 6)))

@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents.heuristics import (
-    HEURISTIC_AGENTS,
-    RandomAgent,
-    make_heuristic_agent,
-    masked_argmax,
-    pixel_bald,
-    pixel_class_rarity,
-    pixel_entropy,
-    pixel_margin,
-)
+from agents.heuristics import HEURISTIC_AGENTS, RandomAgent, make_heuristic_agent, masked_argmax
+from ralis_gym.errors import ConfigError
+from ralis_gym.segmentation.uncertainty import pixel_bald, pixel_class_rarity, pixel_entropy, pixel_margin
 
 
 def _probs(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -81,7 +74,7 @@ def test_random_agent_respects_masks_and_seed():
     a = [RandomAgent(seed=3).predict(obs)[0] for _ in range(2)]
     assert (a[0] == a[1]).all() and set(np.unique(a[0])) <= {1, 2}
     assert set(HEURISTIC_AGENTS) == {"random", "entropy", "margin", "bald", "class_balance"}
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ConfigError, match="unknown method"):
         make_heuristic_agent("coreset")
 
 

@@ -1,4 +1,4 @@
-"""Grid tiling, labeled bookkeeping, pool sampling and training targets (real CamVid where it matters)."""
+"""Grid tiling, labeled bookkeeping, pool sampling and training targets (synthetic labels: no data)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from ralis_gym.data import CAMVID_INFO
 from ralis_gym.errors import ConfigError
-from ralis_gym.regions import RegionGrid, RegionPool
+from ralis_gym.regions import RegionGrid, RegionPool, check_tiling
 
 CAMVID_GRID = RegionGrid((480, 360), (80, 90))
 
@@ -24,6 +24,10 @@ def test_camvid_and_cityscapes_tiling_is_exact():
 def test_non_tiling_region_size_is_rejected():
     with pytest.raises(ConfigError, match="does not tile"):
         RegionGrid((480, 360), (100, 90))
+    with pytest.raises(ConfigError, match=r"^my.yaml: region size 100x90 does not tile .*480 % 100 = 80"):
+        check_tiling((480, 360), (100, 90), "my.yaml")
+    with pytest.raises(ConfigError, match="must be positive"):
+        RegionGrid((480, 360), (0, 90))
 
 
 def test_region_ids_are_x_major_and_round_trip():
@@ -129,21 +133,21 @@ def test_labeling_twice_or_out_of_range_raises():
     assert pool.num_labeled == 1 and pool.order.tolist() == [5]
 
 
-def test_masks_are_void_outside_labeled_regions_and_histograms_count_pixels(camvid_root):
-    from ralis_gym.data import load_dataset
-
-    split = load_dataset("camvid", camvid_root).split("d_s")
-    pool = RegionPool(CAMVID_GRID, len(split), 11, CAMVID_INFO.ignore_index)
+def test_masks_are_void_outside_labeled_regions_and_histograms_count_pixels():
+    # ten CamVid-sized label maps of classes 0..10 and the void id 11, in blobs as in real labels
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.repeat(rng.integers(0, 12, (10, 36, 48), dtype=np.uint8), 10, 1), 10, 2)
+    pool = RegionPool(CAMVID_GRID, len(labels), 11, CAMVID_INFO.ignore_index)
     ids = np.array([0, 30, 47, 200])
-    hist = pool.label(ids, split.labels)
-    target = pool.masked_labels(split.labels, np.arange(len(split)))
+    hist = pool.label(ids, labels)
+    target = pool.masked_labels(labels, np.arange(len(labels)))
     for rid, h in zip(ids, hist):
         img, x, y, w, hgt = CAMVID_GRID.boxes(np.array([rid]))[0]
-        window = split.labels[img, y : y + hgt, x : x + w]
+        window = labels[img, y : y + hgt, x : x + w]
         assert (target[img, y : y + hgt, x : x + w] == window).all()
         brute = np.array([(window == c).sum() for c in range(11)] + [(window == 11).sum()])
         assert (h == brute).all()
-    inside = pool.pixel_mask(np.arange(len(split)))
+    inside = pool.pixel_mask(np.arange(len(labels)))
     assert (target[~inside] == 11).all()
     assert inside.sum() == 4 * 80 * 90
     assert pool.class_pixels.sum() == 4 * 80 * 90

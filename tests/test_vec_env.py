@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import SubprocVecEnv
 
 import ralis_gym
 from agents.heuristics import EntropyAgent, RandomAgent, masked_argmax
-from tests.test_env import TINY, _tiny_kwargs, data_roots  # noqa: F401  (data_roots: a fixture)
+from tests.test_env import TINY, _tiny_kwargs, cityscapes_root  # noqa: F401  (cityscapes_root: a fixture)
 
 # The workers inherit the environment: one torch thread each, on a machine shared with others.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -103,11 +103,11 @@ def _gym_trace(env_id: str, kwargs: dict, seed: int) -> list:
 
 @pytest.mark.parametrize("env_id", sorted(ralis_gym.ENV_IDS))
 @pytest.mark.parametrize("vector_api", ["sb3", "gymnasium"])
-def test_subprocess_envs_differ_by_seed_and_reproduce(vector_api, env_id, data_roots):  # noqa: F811
+def test_subprocess_envs_differ_by_seed_and_reproduce(vector_api, env_id, request):
     """SB3 ``SubprocVecEnv`` and Gymnasium ``AsyncVectorEnv``: seeds ``s`` and ``s + 1`` draw different
     candidate pools, so the two envs see different candidates, and the same seed repeats exactly."""
     trace = _sb3_trace if vector_api == "sb3" else _gym_trace
-    kwargs = _tiny_kwargs(env_id, data_roots)
+    kwargs = _tiny_kwargs(env_id, request)
     first = trace(env_id, kwargs, seed=3)
     obs0 = first[0][0]
     assert not np.array_equal(obs0["candidates"][0], obs0["candidates"][1])

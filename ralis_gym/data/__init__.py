@@ -6,7 +6,6 @@ from ralis_gym.data.cityscapes import (
     CITYSCAPES_INFO,
     CITYSCAPES_LUT,
     Cityscapes,
-    check_region_tiling,
     cityscapes_role_names,
 )
 from ralis_gym.data.custom import CustomDataset, CustomDatasetConfig, load_custom_config
@@ -32,7 +31,6 @@ __all__ = [
     "SegmentationDataset",
     "SegmentationSplit",
     "camvid_ralis_splits",
-    "check_region_tiling",
     "cityscapes_role_names",
     "load_custom_config",
     "load_dataset",

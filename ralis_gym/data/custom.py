@@ -32,17 +32,18 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ralis_gym.data.base import DatasetInfo, SegmentationSplit
-from ralis_gym.data.cityscapes import check_region_tiling
-from ralis_gym.data.dataset import AL_ROLES, SegmentationDataset
+from ralis_gym.config import check_keys, load_yaml
+from ralis_gym.data.base import IMAGE_SUFFIXES, DatasetInfo, SegmentationSplit, image_files
+from ralis_gym.data.dataset import AL_ROLES, SegmentationDataset, register_dataset_file
 from ralis_gym.errors import ConfigError, DatasetError
+from ralis_gym.fileio import atomic_write
+from ralis_gym.regions.grid import check_tiling
 
 VALID_KEYS = (
     "name", "class_names", "ignore_index", "image_size", "region_size", "images_dir", "masks_dir",
     "splits", "split_seed", "split_fractions", "palette",
 )  # fmt: skip
 REQUIRED_KEYS = ("name", "class_names", "image_size", "region_size", "images_dir", "masks_dir")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_IGNORE_INDEX = 255
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -63,18 +64,9 @@ class CustomDatasetConfig:
 def load_custom_config(path: str | os.PathLike) -> CustomDatasetConfig:
     """Read and validate a custom dataset YAML; raises ``ConfigError`` naming the bad key or value."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"custom dataset config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"custom dataset config {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"custom dataset config {path} must be a mapping of keys to values")
+    raw = load_yaml(path)
     where = f"custom dataset config {path}"
-    for key in raw:
-        if key not in VALID_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(VALID_KEYS)}")
+    check_keys(raw, VALID_KEYS, where)
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing}; valid keys: {', '.join(VALID_KEYS)}")
@@ -103,7 +95,7 @@ def load_custom_config(path: str | os.PathLike) -> CustomDatasetConfig:
     image_size = _size(raw["image_size"], "image_size", where)
     region_size = _size(raw["region_size"], "region_size", where)
     try:
-        check_region_tiling(image_size, region_size, where)
+        check_tiling(image_size, region_size, where)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (keys image_size / region_size)") from None
     palette: tuple[tuple[int, int, int], ...] = ()
@@ -217,6 +209,7 @@ def draw_role_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
     return counts
 
 
+@register_dataset_file(".yaml", ".yml")
 class CustomDataset(SegmentationDataset):
     """A dataset described by a YAML file (see the module docstring for the keys).
 
@@ -253,11 +246,9 @@ class CustomDataset(SegmentationDataset):
                 raise DatasetError(
                     f"{cfg.info.name}: {key} folder {folder} does not exist (set in {cfg.path})"
                 )
-        images = sorted(p for p in cfg.images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = image_files(cfg.images_dir)
         if not images:
-            raise DatasetError(
-                f"{cfg.info.name}: no images ({' '.join(IMAGE_EXTENSIONS)}) in {cfg.images_dir}"
-            )
+            raise DatasetError(f"{cfg.info.name}: no images ({' '.join(IMAGE_SUFFIXES)}) in {cfg.images_dir}")
         seen: dict[str, Path] = {}
         pairs = []
         for img in images:
@@ -355,5 +346,6 @@ class CustomDataset(SegmentationDataset):
     def write_config(self, path: str | os.PathLike) -> Path:
         """Write ``to_config`` as YAML to ``path`` (paths made relative to its folder); returns it."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(self.to_config(path.parent), sort_keys=False))
+        text = yaml.safe_dump(self.to_config(path.parent), sort_keys=False)
+        atomic_write(path, lambda f: f.write(text.encode()))
         return path

@@ -1,19 +1,23 @@
-"""The dataset interface every dataset implements, and the registry of datasets by name."""
+"""The dataset interface every dataset implements, and the registry of datasets by name and file type."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ralis_gym.data.base import DatasetInfo, LabelMapper, SegmentationSplit, cached_decode
 from ralis_gym.errors import DatasetError
+from ralis_gym.fileio import read_manifest, sha256_file
 from ralis_gym.paths import resolve_data_root
 
-# Roles of the active-learning protocol (spec §1): every dataset maps each role to a split.
+# Roles of the active-learning protocol of RALIS (https://github.com/ArantxaCasanova/ralis): d_t and
+# d_v are the pools of the training and the test episodes, d_s the state set (the images whose
+# predictions the policy sees), d_r the reward set and test the final test set. Every dataset maps
+# each role to a split.
 AL_ROLES = ("d_t", "d_v", "d_s", "d_r", "test")
 
 
@@ -97,30 +101,19 @@ class SegmentationDataset(ABC):
 
 
 def verify_manifest(manifest: Path, root: Path) -> int:
-    """Check ``sha256sum``-style lines against files under ``root``; raise naming the first bad file."""
+    """Check every file of a ``sha256sum``-style manifest under ``root``; returns how many.
+
+    Raises ``DatasetError`` naming the first bad line, missing file or corrupt file.
+    """
     checked = 0
-    for line_no, line in enumerate(manifest.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            digest, rel = line.split(maxsplit=1)
-        except ValueError:
-            raise DatasetError(f"{manifest}:{line_no}: expected '<sha256>  <path>'") from None
-        path = root / rel.lstrip("*").strip()
+    for rel, digest in read_manifest(manifest, DatasetError).items():
+        path = root / rel
         if not path.is_file():
             raise DatasetError(f"missing file {path} (listed in {manifest})")
-        if sha256_file(path) != digest.lower():
+        if sha256_file(path) != digest:
             raise DatasetError(f"checksum mismatch for {path}: the file is corrupt; re-download it")
         checked += 1
     return checked
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def expect_count(what: str, found: int, expected: int, where: Path, fix: str) -> None:
@@ -138,11 +131,27 @@ def labels_to_train_ids(lut: np.ndarray) -> LabelMapper:
 
 
 _REGISTRY: dict[str, type[SegmentationDataset]] = {}
+_FILE_TYPES: dict[str, Callable[..., SegmentationDataset]] = {}
 
 
 def register_dataset(name: str):
+    """Class decorator: ``load_dataset(name, data_root)`` opens the dataset."""
+
     def deco(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
         _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def register_dataset_file(*suffixes: str):
+    """Class decorator: ``load_dataset(path)`` of a path ending in one of ``suffixes`` opens
+    ``cls(path)``. Why a registry and not an import here: the datasets import this module, so this
+    module must not import them."""
+
+    def deco(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
+        for suffix in suffixes:
+            _FILE_TYPES[suffix] = cls
         return cls
 
     return deco
@@ -152,10 +161,9 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, **kwargs
     """Open a registered dataset (``camvid``, ``cityscapes``) or a custom dataset YAML by path."""
     if name in _REGISTRY:
         return _REGISTRY[name](data_root, **kwargs)
-    if str(name).endswith((".yaml", ".yml")):
-        from ralis_gym.data.custom import CustomDataset
-
-        return CustomDataset(name, **kwargs)
+    suffix = next((s for s in _FILE_TYPES if str(name).endswith(s)), None)
+    if suffix is not None:
+        return _FILE_TYPES[suffix](name, **kwargs)
     raise DatasetError(
         f"unknown dataset {name!r}; registered: {sorted(_REGISTRY)} or a custom dataset YAML path"
     )

@@ -27,12 +27,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ralis_gym import __version__
-from ralis_gym.errors import DownloadError
+from ralis_gym.errors import ConfigError, DownloadError
+from ralis_gym.fileio import atomic_write, parse_manifest, sha256_file
+from ralis_gym.fileio import read_manifest as _read_manifest_file
 from ralis_gym.paths import DATA_ENV, resolve_data_root
 
 CAMVID_COMMIT = "bb68b64e72cb004b3ed927fee0f5624dd8097498"
@@ -67,42 +69,14 @@ class _Cancelled(Exception):
 def read_manifest(manifest: str | os.PathLike | None = None) -> dict[str, str]:
     """Map relative path -> lower-case SHA-256 from a ``sha256sum``-style manifest.
 
-    ``None`` reads the CamVid manifest shipped with the package. Paths are checked to stay inside
-    the dataset folder because they become file names on disk.
+    ``None`` reads the CamVid manifest shipped with the package. The rules (hex digests, paths that
+    stay inside the dataset folder because they become file names on disk) are
+    ``ralis_gym.fileio.parse_manifest``'s; a bad manifest raises ``DownloadError``.
     """
     if manifest is None:
-        where = f"ralis_gym/data/{CAMVID_MANIFEST}"
         text = resources.files("ralis_gym.data").joinpath(CAMVID_MANIFEST).read_text()
-    else:
-        where = str(manifest)
-        try:
-            text = Path(manifest).read_text()
-        except OSError as exc:
-            raise DownloadError(f"cannot read manifest {manifest}: {exc}") from None
-    entries: dict[str, str] = {}
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.split(maxsplit=1)
-        if len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
-            raise DownloadError(f"{where}:{line_no}: expected '<sha256>  <relative path>', got {line!r}")
-        rel = parts[1].strip().lstrip("*")  # '*' marks binary mode in sha256sum output
-        pure = PurePosixPath(rel)
-        if not rel or "\\" in rel or pure.is_absolute() or ".." in pure.parts or rel.startswith("~"):
-            raise DownloadError(f"{where}:{line_no}: unsafe path {rel!r}; paths must stay inside the folder")
-        entries[rel] = parts[0].lower()
-    if not entries:
-        raise DownloadError(f"manifest {where} lists no files")
-    return entries
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in blocks so large files never sit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return parse_manifest(text, f"ralis_gym/data/{CAMVID_MANIFEST}", DownloadError)
+    return _read_manifest_file(manifest, DownloadError)
 
 
 def download_file(
@@ -297,11 +271,8 @@ def _write_bundled(rel: str, dest: Path, sha256: str) -> bool | None:
         return None  # a custom manifest wants other bytes: fetch them like any other file
     if dest.is_file() and sha256_file(dest) == sha256:
         return False
-    part = dest.with_name(dest.name + ".part")
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part.write_bytes(data)
-        os.replace(part, dest)
+        atomic_write(dest, lambda f: f.write(data))
     except OSError as exc:
         raise DownloadError(f"cannot write {dest}: {exc}") from None
     return True
@@ -330,7 +301,7 @@ def download_camvid(
     Raises ``DownloadError`` naming the file and URL on the first file that fails.
     """
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise ConfigError(f"workers must be at least 1, got {workers}")
     entries = read_manifest(manifest)
     if files is None:
         selected = entries
@@ -440,9 +411,10 @@ def _write_completion_files(root: Path, entries: dict[str, str], base_url: str) 
         "high-definition ground truth database', Pattern Recognition Letters 30(2), 2009.",
         "Research data: cite the paper when you use it.",
     ]
+    source_text = "\n".join(lines) + "\n"
     try:
-        (root / "SHA256SUMS").write_text(manifest_text)
-        (root / "SOURCE.txt").write_text("\n".join(lines) + "\n")
+        atomic_write(root / "SHA256SUMS", lambda f: f.write(manifest_text.encode()))
+        atomic_write(root / "SOURCE.txt", lambda f: f.write(source_text.encode()))
     except OSError as exc:
         raise DownloadError(f"cannot write SOURCE.txt / SHA256SUMS in {root}: {exc}") from None
 

@@ -1,4 +1,11 @@
-"""The RALIS labeling MDP as a Gymnasium environment (spec §3, §4, §8)."""
+"""The RALIS labeling MDP as a Gymnasium environment.
+
+A step reads as a straight line through the layers: the action picks regions (``ralis_gym.regions``:
+labeling, the next candidate pools), the segmentation network trains on them and is scored on D_R
+(``ralis_gym.segmentation``), and the next observation is built from the network
+(``ralis_gym.features.observation``). Start networks come from ``segmentation.pretrain``, the
+baselines' scores from ``segmentation.uncertainty``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,6 @@ import copy
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -18,27 +24,15 @@ from gymnasium import spaces
 from ralis_gym.config import load_yaml, merge_config
 from ralis_gym.data import SegmentationSplit, load_dataset
 from ralis_gym.errors import ConfigError
-from ralis_gym.features import (
-    candidate_features,
-    class_distribution,
-    region_tables_from_maps,
-    region_vector_dim,
-)
-from ralis_gym.methods import METHODS
+from ralis_gym.features import class_distribution, observation, region_vector_dim
 from ralis_gym.regions import CandidatePools, RegionGrid, RegionPool
-from ralis_gym.segmentation import build_segmenter
 from ralis_gym.segmentation.metrics import SegmentationMetrics
-from ralis_gym.segmentation.pretrain import (
-    FINAL_TRAINING_DEFAULTS,
-    START_NETWORKS,
-    pretrain_start_network,
-    start_data_roles,
-    train_until_plateau,
-    union_split,
-)
-from ralis_gym.segmentation.uncertainty import LABEL_FREE_SCORES, region_means, region_scores
+from ralis_gym.segmentation.pretrain import FINAL_TRAINING_DEFAULTS, load_start_network, train_until_plateau
+from ralis_gym.segmentation.uncertainty import LABEL_FREE_SCORES, candidate_scores
 
-#: Per-dataset protocol numbers of the reference scripts (spec §3.1): K, N by mode, budget by mode.
+#: Per-dataset protocol numbers of the reference scripts (their CamVid and Cityscapes launch
+#: scripts): K pools, N candidates per pool by mode, budget by mode. Other datasets (custom ones)
+#: have no protocol: ``num_pools``, ``regions_per_pool`` and ``budget`` must then be given.
 DATASET_PROTOCOL: dict[str, dict[str, Any]] = {
     "camvid": {
         "num_pools": 24,
@@ -85,7 +79,8 @@ class RegionALEnv(gym.Env):
     raises ``ValueError`` naming the pool and the reason.
 
     ## Observation Space
-    A ``Dict`` of float32 arrays (spec §4; ``C`` classes, ``Ds = C + 1 + 192``):
+    A ``Dict`` of float32 arrays, the reference code's state and action features (``C`` classes,
+    ``Ds = C + 1 + 192``; built by ``ralis_gym.features.observation``):
 
     - ``state`` ``[M, Ds]``: one vector per region of the state set D_S (M = 10 images x regions per
       image; CamVid 240 x 204, Cityscapes 1280 x 212): raw pixel counts of the predicted classes
@@ -94,7 +89,10 @@ class RegionALEnv(gym.Env):
     - ``candidates`` ``[K, N, Ds + 64]``: the same region vector for every candidate plus two 32-bin
       normalised histograms: of the KL divergences between the candidate's predicted class
       distribution and the ground-truth class distributions of the regions labeled so far (zeros
-      before anything is labeled), and to all current candidates (CamVid 24 x N x 268).
+      before anything is labeled), and to all current candidates (CamVid 24 x N x 268). With
+      ``score_features`` (e.g. ``["margin", "class_balance"]``) those heuristics' scores of the
+      candidate (``score_candidates``) stand between the region vector and the histograms
+      (``[K, N, Ds + E + 64]``, unbounded).
     - ``action_mask`` ``[K, N]``: 1 for real candidates, 0 for empty slots.
 
     ## Rewards
@@ -155,6 +153,10 @@ class RegionALEnv(gym.Env):
       decrease of the loss on ``oracle_set``, fast model); the former loss oracle is ``oracle_loss``.
     - v0, 2026-12-07 (behaviour changed, id kept): the fast model's head is 48 channels wide (was 64:
       0.79x the step time, the same accuracy); start networks are pretrained with one torch thread.
+    - v0, 2026-12-07 (later, id kept; observations unchanged): the next pools are drawn in ``reset``
+      and ``step`` (the transition), no longer while building the observation; option
+      ``score_features`` (default off); a dataset without a reference protocol (custom YAML) must set
+      ``num_pools``, ``regions_per_pool`` and ``budget`` instead of silently getting CamVid's.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
@@ -199,6 +201,10 @@ class RegionALEnv(gym.Env):
             "subset": {"pool": None, "reward": None, "state": None, "test": None},
             "render_images": 4,
             "progress": False,
+            # Acquisition scores (label-free heuristics of ralis_gym.methods, e.g. ["margin",
+            # "class_balance"]) appended to every candidate's region vector, before the KL histograms.
+            # None by default (the reference's features).
+            "score_features": [],
         }
 
     def __init__(
@@ -227,20 +233,20 @@ class RegionALEnv(gym.Env):
             raise ConfigError(
                 f"oracle_gradient must be one of {ORACLE_GRADIENTS}, got {cfg['oracle_gradient']!r}"
             )
+        self.score_features = tuple(cfg["score_features"] or ())
+        unknown = [m for m in self.score_features if m not in LABEL_FREE_SCORES]
+        if unknown:
+            raise ConfigError(
+                f"score_features {unknown} are not label-free heuristics; choose from {LABEL_FREE_SCORES}"
+            )
         if cfg["first_reward"] not in ("difference", "absolute"):
             raise ConfigError(f"first_reward must be 'difference' or 'absolute', got {cfg['first_reward']!r}")
 
         self.dataset = load_dataset(cfg["dataset"], cfg["data_root"], **cfg["dataset_kwargs"])
         self.info_ = self.dataset.info
-        protocol = DATASET_PROTOCOL.get(self.info_.name, DATASET_PROTOCOL["camvid"])
-        mode = cfg["mode"]
-        self.num_pools = int(cfg["num_pools"] or protocol["num_pools"])
-        self.pool_size = int(cfg["regions_per_pool"] or protocol["regions_per_pool"][mode])
-        self.budget = int(cfg["budget"] or protocol["budget"][mode])
-        if min(self.num_pools, self.pool_size, self.budget) <= 0:
-            raise ConfigError("num_pools, regions_per_pool and budget must be positive")
+        self.num_pools, self.pool_size, self.budget = self._protocol()
 
-        self.pool_split = self._role_split(MODE_POOL[mode], cfg["subset"]["pool"])
+        self.pool_split = self._role_split(MODE_POOL[cfg["mode"]], cfg["subset"]["pool"])
         self.reward_split = self._role_split("d_r", cfg["subset"]["reward"])
         self.state_split = self._role_split("d_s", cfg["subset"]["state"])
         self.grid = RegionGrid(self.info_.image_size, self.info_.region_size)
@@ -253,12 +259,12 @@ class RegionALEnv(gym.Env):
         )
 
         self.start_name = str(cfg["start_network"] or MODE_START[cfg["mode"]])
-        self.segmenter, self.start_meta = self._load_start_network()
-        self.start_data: SegmentationSplit | None = None
-        if self.start_name in START_NETWORKS:
-            self.start_data = union_split(self.dataset, start_data_roles(self.start_name))
-        self.segmenter.reset_optimizer()  # every episode starts with a fresh optimiser and schedule
-        self._start = self.segmenter.snapshot()
+        self.segmenter, self.start_meta, self.start_data = load_start_network(
+            self.dataset, cfg["model"], self.start_name, device=cfg["device"], seed=int(cfg["pretrain"]["seed"]),
+            model_kwargs=cfg["model_kwargs"], max_epochs=cfg["pretrain"]["max_epochs"],
+            patience=cfg["pretrain"]["patience"], progress=cfg["progress"],
+        )  # fmt: skip
+        self._start = self.segmenter.snapshot()  # with a fresh optimiser: every episode starts from it
         self.device = self.segmenter.device
 
         n_cls = self.info_.num_classes
@@ -273,11 +279,16 @@ class RegionALEnv(gym.Env):
             {
                 "state": spaces.Box(0.0, np.broadcast_to(region_high, (m, ds)).copy(), dtype=np.float32),
                 "candidates": spaces.Box(
-                    0.0,
                     np.broadcast_to(
-                        np.r_[region_high, np.ones(KL_FEATURES, np.float32)],
-                        (self.num_pools, self.pool_size, ds + KL_FEATURES),
-                    ).copy(),
+                        np.r_[
+                            np.zeros(ds), np.full(len(self.score_features), -np.inf), np.zeros(KL_FEATURES)
+                        ],
+                        (self.num_pools, self.pool_size, ds + len(self.score_features) + KL_FEATURES),
+                    ).astype(np.float32),
+                    np.broadcast_to(
+                        np.r_[region_high, np.full(len(self.score_features), np.inf), np.ones(KL_FEATURES)],
+                        (self.num_pools, self.pool_size, ds + len(self.score_features) + KL_FEATURES),
+                    ).astype(np.float32),
                     dtype=np.float32,
                 ),
                 "action_mask": spaces.Box(0.0, 1.0, (self.num_pools, self.pool_size), dtype=np.float32),
@@ -315,6 +326,28 @@ class RegionALEnv(gym.Env):
         return self._oracle_split
 
     # --- construction helpers -----------------------------------------------------------------
+    def _protocol(self) -> tuple[int, int, int]:
+        """``(K, N, budget)``: the configured values, else the dataset's protocol for the mode."""
+        cfg, mode = self.config, self.config["mode"]
+        keys = ("num_pools", "regions_per_pool", "budget")
+        protocol = DATASET_PROTOCOL.get(self.info_.name)
+        if protocol is None:
+            missing = [k for k in keys if cfg[k] is None]
+            if missing:
+                raise ConfigError(
+                    f"dataset {self.info_.name!r} has no reference protocol (known: {sorted(DATASET_PROTOCOL)}); "
+                    f"set {', '.join(missing)} in the config"
+                )
+            protocol = {k: cfg[k] for k in keys}
+        values = []
+        for key in keys:
+            default = protocol[key][mode] if isinstance(protocol[key], dict) else protocol[key]
+            value = default if cfg[key] is None else cfg[key]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+            values.append(int(value))
+        return values[0], values[1], values[2]
+
     def _role_split(self, role: str, limit: int | None) -> SegmentationSplit:
         split = self.dataset.split(role)
         if limit is not None:
@@ -322,32 +355,6 @@ class RegionALEnv(gym.Env):
                 raise ConfigError(f"subset limit for {role} must be positive, got {limit}")
             split = split.subset(np.arange(min(int(limit), len(split))), name=f"{role}[:{limit}]")
         return split
-
-    def _load_start_network(self):
-        cfg, name = self.config, self.start_name
-        seed = int(cfg["pretrain"]["seed"])
-        if name == "scratch":
-            seg = build_segmenter(
-                cfg["model"], self.info_, device=cfg["device"], seed=seed, **cfg["model_kwargs"]
-            )
-            return seg, {"name": "scratch"}
-        if name in START_NETWORKS:
-            return pretrain_start_network(
-                self.dataset, cfg["model"], name, device=cfg["device"], seed=seed, model_kwargs=cfg["model_kwargs"],
-                max_epochs=cfg["pretrain"]["max_epochs"], patience=cfg["pretrain"]["patience"], progress=cfg["progress"],
-            )  # fmt: skip
-        path = Path(str(name)).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"start_network {name!r} is neither one of {sorted(START_NETWORKS) + ['scratch']} nor an existing checkpoint file"
-            )
-        seg = build_segmenter(
-            cfg["model"], self.info_, device=cfg["device"], seed=seed, **cfg["model_kwargs"]
-        )
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        seg.load_model_state(ckpt.get("model_state", ckpt))
-        seg.reset_optimizer()
-        return seg, {"name": str(path)}
 
     # --- Gymnasium API -------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -358,24 +365,30 @@ class RegionALEnv(gym.Env):
         self._labeled_dists = self._labeled_dists[:0]
         self._selected, self._last_ids, self._steps = (), np.empty(0, dtype=np.int64), 0
         self._evaluate_reward_set()
-        obs = self._observe()
-        return obs, self._info()
+        self._pools = self._next_pools()
+        return self._observe(), self._info()
 
     def step(self, action):
+        """One AL step, top to bottom: regions (label the picks, draw the regions the step trains on
+        and the next pools), segmentation (train, score on D_R), features (the next observation)."""
         if self._pools is None:
             raise RuntimeError("call reset() before step()")
         t0 = time.perf_counter()
         chosen = self._chosen_regions(action)
         chosen = chosen[: self.budget - self.pool.num_labeled]
-
         hist = self.pool.label(chosen, self.pool_split.labels)
         new = class_distribution(torch.from_numpy(hist)).to(self.device, torch.float64)
         self._labeled_dists = torch.cat([self._labeled_dists, new])
         boxes = self.grid.boxes(chosen)
         self._selected = tuple((self.pool_split.image_names[b[0]], int(b[1]), int(b[2])) for b in boxes)
         self._last_ids = chosen
+        anchors = self._training_anchors(chosen)
+        terminated = bool(self.pool.num_labeled >= self.budget or self.pool.num_unlabeled == 0)
+        # The transition: the next pools depend on what is labeled, not on the network. Drawn after
+        # the replayed regions, as before this order was made explicit, so trajectories are unchanged.
+        self._pools = self._no_pools() if terminated else self._next_pools()
         t1 = time.perf_counter()
-        self._train_step(chosen)
+        self._train_step(anchors)
         t2 = time.perf_counter()
         previous = self._miou
         self._evaluate_reward_set()
@@ -384,7 +397,6 @@ class RegionALEnv(gym.Env):
             previous = 0.0
         reward = float(self.config["reward_scale"] * (self._miou - previous))
         self._steps += 1
-        terminated = bool(self.pool.num_labeled >= self.budget or self.pool.num_unlabeled == 0)
         obs = self._zero_observation() if terminated else self._observe()
         t4 = time.perf_counter()
         self.timings = {
@@ -421,8 +433,9 @@ class RegionALEnv(gym.Env):
                 self.np_random.bit_generator.state = np.random.PCG64(int(seed)).state
             chosen = self._chosen_regions(action)[: self.budget - pool.num_labeled]
             pool.label(chosen, self.pool_split.labels)
+            anchors = self._training_anchors(chosen)
             with torch.enable_grad():
-                self._train_step(chosen)
+                self._train_step(anchors)
             return float(seg.evaluate(self.reward_split).miou)
         finally:
             seg.restore(seg_state)
@@ -430,9 +443,8 @@ class RegionALEnv(gym.Env):
             self.np_random.bit_generator.state = rng_state
 
     # --- internals ---------------------------------------------------------------------------
-    def _train_step(self, chosen: np.ndarray) -> None:
-        """The AL step's training after ``chosen`` was labeled (see ``train_regions``)."""
-        anchors = self._training_anchors(chosen)
+    def _train_step(self, anchors: np.ndarray) -> None:
+        """The AL step's training on the images of the ``anchors`` regions (``_training_anchors``)."""
         for _ in range(self.config["epochs_per_step"]):
             self.segmenter.fit_regions(self.pool_split, anchors, self.pool.labeled)
             if self.config["step_start_data"] and self.start_data is not None:
@@ -483,50 +495,37 @@ class RegionALEnv(gym.Env):
         self._metrics = self.segmenter.evaluate(self.reward_split)
         self._miou = self._metrics.miou
 
-    @torch.no_grad()
-    def _observe(self) -> dict[str, np.ndarray]:
-        self._pools = self.pool.sample_pools(self.num_pools, self.pool_size, self.np_random)
-        ids = self._pools.region_ids[self._pools.mask]
-        image, row, col = self.grid.split_ids(ids)
-        images, slot = np.unique(image, return_inverse=True)
-        tables = self._region_tables(self.pool_split, images)
-        vecs = tables[torch.from_numpy(slot), torch.from_numpy(row), torch.from_numpy(col)]
-        cands = candidate_features(
-            vecs, self._labeled_dists, self._pools.shape, mask=torch.from_numpy(self._pools.mask)
-        )
-        # Row i of the state is region id i of D_S: image-major, x-major inside an image (spec §4).
-        state_tables = self._region_tables(self.state_split, np.arange(len(self.state_split)))
-        state = state_tables.permute(0, 2, 1, 3).reshape(-1, state_tables.shape[-1])
-        return {
-            "state": state.cpu().numpy().astype(np.float32),
-            "candidates": cands.cpu().numpy().astype(np.float32),
-            "action_mask": self._pools.mask.astype(np.float32),
-        }
+    def _next_pools(self) -> CandidatePools:
+        """The MDP's transition to the next candidates: K disjoint pools of N unlabeled regions."""
+        return self.pool.sample_pools(self.num_pools, self.pool_size, self.np_random)
 
-    def _region_tables(self, split: SegmentationSplit, images: np.ndarray) -> torch.Tensor:
-        """Region vectors ``[I, rows, cols, Ds]`` of every region of the given images, in chunks."""
-        chunk = max(1, self.segmenter.default_batch_size())
-        parts = []
-        for start in range(0, len(images), chunk):
-            pred, ent = self.segmenter.prediction_maps(
-                split, images[start : start + chunk], native_prediction=True
-            )
-            parts.append(
-                region_tables_from_maps(
-                    pred,
-                    ent,
-                    self.info_.num_classes,
-                    self.grid,
-                    prediction_stride=self.segmenter.native_stride,
-                )
-            )
-        return torch.cat(parts)
-
-    def _zero_observation(self) -> dict[str, np.ndarray]:
-        self._pools = CandidatePools(
+    def _no_pools(self) -> CandidatePools:
+        """The empty candidate set of a finished episode (every slot masked)."""
+        return CandidatePools(
             np.full((self.num_pools, self.pool_size), -1, dtype=np.int64),
             np.zeros((self.num_pools, self.pool_size), dtype=bool),
         )
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        """The observation of the current pools (``features.observation``); draws nothing."""
+        scores = None
+        if self.score_features:
+            ids = self._pools.region_ids[self._pools.mask]
+            scores = np.stack(
+                [candidate_scores(m, self.segmenter, self.pool_split, self.pool, ids, self.np_random)
+                 for m in self.score_features], axis=-1,
+            )  # fmt: skip
+        return observation(
+            self.segmenter,
+            self.pool_split,
+            self.state_split,
+            self.grid,
+            self._pools,
+            self._labeled_dists,
+            scores,
+        )
+
+    def _zero_observation(self) -> dict[str, np.ndarray]:
         return {k: np.zeros(s.shape, dtype=np.float32) for k, s in self.observation_space.spaces.items()}
 
     def _info(self) -> dict[str, Any]:
@@ -549,7 +548,10 @@ class RegionALEnv(gym.Env):
         restore: bool = False,
         progress: bool | None = None,
     ) -> dict[str, Any]:
-        """Final protocol of spec §3.4: train on every acquired region until D_R mIoU stops improving.
+        """The final protocol: train on every acquired region until D_R mIoU stops improving.
+
+        The reference code trains the network on the acquired regions for up to 1000 epochs with
+        early stopping on D_R (patience 150 for the FPN), then reports test mIoU.
 
         The training set is the acquired regions plus, with ``final_training.include_start_data``,
         the labeled images the start network was trained on; it starts from a fresh optimiser and
@@ -600,83 +602,22 @@ class RegionALEnv(gym.Env):
 
     @torch.no_grad()
     def score_candidates(self, heuristic: str, mc_passes: int = 20) -> np.ndarray:
-        """Heuristic scores ``[K, N]`` of the current candidates (-inf in masked slots), for baselines.
-
-        A region's score is the mean of a per-pixel map over the region, computed with the current
-        segmentation network: ``entropy``, ``margin`` (1 - top-1 + top-2 probability), ``bald``
-        (``mc_passes`` MC-dropout passes, p = 0.5 before the classifier) or ``class_balance``
-        (expected rarity of the predicted class, frequencies from the labeled pixels so far plus the
-        candidates' predicted pixels). ``random`` gives uniform noise from the env's generator.
-        The oracles are no heuristics: they read ground truth, upper references for what choosing
-        well can gain. ``oracle`` (fast model) reads the candidates' labels and those of
-        ``oracle_split`` (D_R in train mode, the test split in test mode) and scores a region by the
-        first-order decrease of that set's loss that a gradient step on the region's loss would
-        bring: the inner product of the two losses' gradients with respect to the classifier layer
-        (``FastSegmenter.gradient_alignment_maps``; one forward of ``oracle_split`` per call), or
-        with ``oracle_gradient="head"`` with respect to every head parameter
-        (``FastSegmenter.head_alignment_maps``, a forward-mode JVP along the set's head gradient).
-        ``oracle_loss`` scores the network's current class-weighted loss on the region
-        (``Segmenter.loss_maps``); ``oracle_rarity`` the true pixels' rarity ``-log pi_c`` (void 0),
-        ``pi`` from the labeled pixels plus the candidates' true pixels (class_balance given the truth).
+        """Scores ``[K, N]`` of the current candidates for a method of ``ralis_gym.methods`` (-inf in
+        masked slots), for the baseline agents: ``segmentation.uncertainty.candidate_scores`` with this
+        env's network, pool and generator (``random`` draws from it), and for ``oracle`` its
+        ``oracle_split`` (D_R in train mode, the test split in test mode) and ``oracle_gradient``.
         Scoring does not change the environment's state (it draws MC-dropout masks from the
         segmenter's own generator, so it does shift later training randomness deterministically).
         """
         if self._pools is None:
             raise RuntimeError("call reset() before score_candidates()")
-        if heuristic not in METHODS:
-            raise ConfigError(f"unknown heuristic {heuristic!r}; choose one of {METHODS}")
         mask = self._pools.mask
         scores = np.full(mask.shape, -np.inf)
-        if not mask.any():
-            return scores
-        if heuristic == "random":
-            scores[mask] = self.np_random.random(int(mask.sum()))
-            return scores
-        if heuristic == "oracle_rarity":
-            # Ground-truth class rarity: sum_c n_c(region) * -log(pi_c), pi from the labeled pixels
-            # so far plus the candidates' own true pixels (the class_balance heuristic with the truth).
-            ids = self._pools.region_ids[mask]
-            hist = torch.from_numpy(
-                self.pool.region_class_histograms(ids, self.pool_split.labels)[:, :-1]
-            ).double()
-            freq = torch.as_tensor(self.pool.class_pixels[:-1], dtype=torch.float64) + hist.sum(0)
-            pi = freq / freq.sum().clamp_min(1.0)
-            area = self.grid.region_size[0] * self.grid.region_size[1]
-            scores[mask] = (hist @ -torch.log(pi + 1e-6)).numpy() / area  # mean over the region's pixels
-            return scores
-        image, row, col = self.grid.split_ids(self._pools.region_ids[mask])
-        images, slot = np.unique(image, return_inverse=True)
-        seg, rows, cols = self.segmenter, self.grid.rows, self.grid.cols
-        if heuristic == "oracle":
-            if not hasattr(seg, "gradient_alignment_maps"):
-                raise ConfigError(
-                    f"method 'oracle' needs the fast model (model: fast), not {seg.kind!r}; "
-                    "'oracle_loss' works with every model"
-                )
-            if self.config["oracle_gradient"] == "head":
-                gradient, alignment = seg.head_gradient, seg.head_alignment_maps
-            else:
-                gradient, alignment = seg.classifier_gradient, seg.gradient_alignment_maps
-            direction = gradient(self.oracle_split)
-        if heuristic in LABEL_FREE_SCORES:
-            means = region_scores(
-                seg, self.pool_split, images, rows, cols, heuristic, self.pool.class_pixels, mc_passes
-            )
-        elif heuristic == "oracle":
-            means = region_means(
-                lambda chunk: alignment(self.pool_split, chunk, direction),
-                images, rows, cols, seg.default_batch_size(),
-            )  # fmt: skip
-        else:  # oracle_loss
-            means = region_means(
-                lambda chunk: seg.loss_maps(self.pool_split, chunk),
-                images,
-                rows,
-                cols,
-                seg.default_batch_size(),
-            )
-        idx = [torch.as_tensor(a, device=means.device) for a in (slot, row, col)]
-        scores[mask] = means[idx[0], idx[1], idx[2]].cpu().numpy()
+        scores[mask] = candidate_scores(
+            heuristic, self.segmenter, self.pool_split, self.pool, self._pools.region_ids[mask], self.np_random,
+            mc_passes=mc_passes, oracle_split=self.oracle_split if heuristic == "oracle" else None,
+            oracle_gradient=self.config["oracle_gradient"],
+        )  # fmt: skip
         return scores
 
     def render(self) -> np.ndarray | None:

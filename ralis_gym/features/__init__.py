@@ -1,9 +1,13 @@
-"""State and action features of the query network (spec §4): region vectors and KL histograms.
+"""State and action features of the query network (the reference code's): region vectors and KL histograms.
 
-Pure, vectorized torch functions that run on the device of their inputs:
+:func:`observation` builds the query network's observation from the segmentation network (the one
+feature pipeline, used by the environment and by ``agents.suggest``). Beneath it, pure, vectorized
+torch functions that run on the device of their inputs:
 
-* :func:`region_vectors` / :func:`state_features`: ``[hist C+1 | min 64 | avg 64 | max 64]`` per
-  region from full-resolution softmax maps (``Ds = C + 1 + 192``).
+* :func:`region_tables_from_maps`: ``[hist C+1 | min 64 | avg 64 | max 64]`` of every region of
+  some images from their arg-max and entropy maps (``Ds = C + 1 + 192``); :func:`region_tables`,
+  the same from full-resolution softmax maps (the reference the tests hold the pipeline to);
+  :func:`tables_in_id_order`, the state's row order.
 * :func:`class_distribution`: GT class distributions of labeled regions (fractions, absent = 1e-7).
 * :func:`kl_histograms`: per-row normalised ``np.histogram(KL(p̂ ‖ q̂_j), bins=32)``.
 * :func:`candidate_features`: ``[K, N, Ds + 64]`` action features of the candidate pools.
@@ -18,6 +22,7 @@ from ralis_gym.features.kl import (
     default_chunk_elems,
     kl_histograms,
 )
+from ralis_gym.features.observation import observation, segmenter_region_tables, state_vectors
 from ralis_gym.features.regions import (
     HIST_FLOOR,
     POOL_CELLS,
@@ -27,8 +32,7 @@ from ralis_gym.features.regions import (
     region_tables,
     region_tables_from_maps,
     region_vector_dim,
-    region_vectors,
-    state_features,
+    tables_in_id_order,
 )
 
 __all__ = [
@@ -42,11 +46,13 @@ __all__ = [
     "class_distribution",
     "default_chunk_elems",
     "kl_histograms",
+    "observation",
+    "segmenter_region_tables",
+    "state_vectors",
+    "tables_in_id_order",
     "entropy_map",
     "pool_kernel",
     "region_tables",
     "region_tables_from_maps",
     "region_vector_dim",
-    "region_vectors",
-    "state_features",
 ]

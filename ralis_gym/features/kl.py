@@ -1,4 +1,5 @@
-"""KL-divergence histograms and candidate (action) features (spec §4, "Action (candidate) features").
+"""KL-divergence histograms and the candidate (action) features of the RALIS reference code
+(https://github.com/ArantxaCasanova/ralis, ``compute_state`` in ``models/model_utils.py``).
 
 Each candidate gets two 32-bin histograms: of its KL divergences to the GT class distributions of the
 labeled regions, and to the predicted class distributions of all current candidates. The reference
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ralis_gym.errors import ConfigError
 from ralis_gym.features.regions import HIST_FLOOR, POOL_FEATURES
 
 #: Bins of each KL histogram (the reference's ``np.histogram(..., bins=32)``).
@@ -130,7 +132,7 @@ def kl_histograms(
     if p.dim() != 2 or q.dim() != 2 or p.shape[1] != q.shape[1]:
         raise ValueError(f"p [R, K] and q [L, K] must share K; got {tuple(p.shape)} and {tuple(q.shape)}")
     if bins < 1:
-        raise ValueError(f"bins must be positive, got {bins}")
+        raise ConfigError(f"bins must be positive, got {bins}")
     n_rows, n_ref = p.shape[0], q.shape[0]
     device = p.device
     out = torch.zeros(n_rows, bins, dtype=torch.float32, device=device)

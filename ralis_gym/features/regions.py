@@ -1,4 +1,7 @@
-"""Region vectors and state features from full-resolution softmax maps (spec §4, items 1–2).
+"""Region vectors from arg-max and entropy maps, or from full-resolution softmax maps.
+
+The reference code (https://github.com/ArantxaCasanova/ralis, ``compute_state``) describes a region
+by the class histogram of the network's prediction and min/avg/max pooling of its entropy.
 
 A region vector is ``[class histogram (C+1) | min-pool 64 | avg-pool 64 | max-pool 64]`` of one grid
 region: the histogram counts the arg-max prediction, the pools summarise the pixel entropy map on an
@@ -111,7 +114,7 @@ def class_argmax(probs: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_map(probs: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """``-(p * log(p + eps)).sum(C)`` of ``[n, C, H, W]``: ``ralis_gym.segmentation.base.pixel_entropy``, op for op.
+    """``-(p * log(p + eps)).sum(C)`` of ``[n, C, H, W]``: ``ralis_gym.segmentation.uncertainty.pixel_entropy``, op for op.
 
     Same operations in the same order (so the same bits, see the tests), but in place on one
     temporary instead of three: a Cityscapes image is 160 MB of float32 probabilities. The eps inside
@@ -199,40 +202,8 @@ def region_tables_from_maps(
     return out
 
 
-@torch.no_grad()
-def region_vectors(
-    probs: torch.Tensor,
-    image_slot: torch.Tensor,
-    row: torch.Tensor,
-    col: torch.Tensor,
-    grid: RegionGrid,
-    image_chunk_elems: int = DEFAULT_IMAGE_CHUNK_ELEMS,
-) -> torch.Tensor:
-    """Region vectors ``[R, C + 1 + 192]`` float32 of regions ``(image_slot, row, col)`` of ``probs``.
-
-    ``image_slot`` indexes the first axis of ``probs`` (``[I, C, H, W]``, full resolution); ``row``
-    and ``col`` are grid coordinates. Vector layout (spec §4.1–2): arg-max class histogram as raw
-    pixel counts over C+1 bins (absent classes and the never-predicted ignore bin hold 1e-7), then the
-    8x8 min-, avg- and max-pooled entropy maps, each flattened row-major. All regions of an image are
-    computed together (see :func:`region_tables`), then the requested ones are gathered.
-    """
-    tables = region_tables(probs, grid, image_chunk_elems)
-    device = tables.device
-    slot, r, c = (torch.as_tensor(t, dtype=torch.int64, device=device) for t in (image_slot, row, col))
-    if not (slot.shape == r.shape == c.shape) or slot.dim() != 1:
-        raise ValueError("image_slot, row and col must be 1-D and of equal length")
-    return tables[slot, r, c]
-
-
-@torch.no_grad()
-def state_features(
-    probs_state: torch.Tensor, grid: RegionGrid, image_chunk_elems: int = DEFAULT_IMAGE_CHUNK_ELEMS
-) -> torch.Tensor:
-    """State (subset) features ``[S * per_image, C + 1 + 192]`` of the D_S images (spec §4).
-
-    Rows follow region-id order: image-major, then the x-major local order ``col * rows + row`` of
-    :class:`RegionGrid` (the reference's ``meshgrid(xs, ys).T`` order), so row ``i`` is the region
-    with id ``i`` of the state split.
-    """
-    tables = region_tables(probs_state, grid, image_chunk_elems)  # [S, rows, cols, D]
+def tables_in_id_order(tables: torch.Tensor) -> torch.Tensor:
+    """``[I, rows, cols, D]`` region tables as ``[I * rows * cols, D]`` rows in region-id order:
+    image-major, then x-major inside an image (``col * rows + row``, :class:`RegionGrid`'s order and
+    the reference code's ``meshgrid(xs, ys).T``), so row ``i`` is region id ``i``."""
     return tables.permute(0, 2, 1, 3).reshape(-1, tables.shape[-1])

@@ -37,7 +37,7 @@ from xml.sax.saxutils import escape, quoteattr
 import cv2
 import numpy as np
 
-from ralis_gym.errors import DatasetError
+from ralis_gym.errors import ConfigError, DatasetError
 
 __all__ = [
     "AnnotationFormatError",
@@ -264,11 +264,11 @@ def class_colors(class_names: Sequence[str]) -> list[str]:
 def _check_classes(class_names: Sequence[str]) -> list[str]:
     names = [str(c) for c in class_names]
     if not names:
-        raise ValueError("class_names is empty")
+        raise ConfigError("class_names is empty")
     if len(set(names)) != len(names):
-        raise ValueError(f"class_names has duplicates: {names}")
+        raise ConfigError(f"class_names has duplicates: {names}")
     if REGION_LABEL in names:
-        raise ValueError(f"{REGION_LABEL!r} is reserved for the region hint and cannot be a class name")
+        raise ConfigError(f"{REGION_LABEL!r} is reserved for the region hint and cannot be a class name")
     return names
 
 
@@ -454,7 +454,7 @@ def _class_index(class_names: Sequence[str]) -> dict[str, int]:
 def _check_ignore(class_names: Sequence[str], ignore_index: int) -> int:
     ignore = int(ignore_index)
     if 0 <= ignore < len(class_names) or not 0 <= ignore <= 255:
-        raise ValueError(
+        raise ConfigError(
             f"ignore_index {ignore} must be a uint8 value outside the class ids 0..{len(class_names) - 1}"
         )
     return ignore

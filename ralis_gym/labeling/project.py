@@ -40,18 +40,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ralis_gym.config import load_yaml
-from ralis_gym.data.base import DatasetInfo, SegmentationSplit, read_image
-from ralis_gym.data.cityscapes import check_region_tiling
+from ralis_gym.config import check_keys, load_yaml
+from ralis_gym.data.base import IMAGE_SUFFIXES, DatasetInfo, SegmentationSplit, image_files, read_image
 from ralis_gym.errors import ConfigError, DatasetError, RalisGymError
-from ralis_gym.fileio import atomic_write
-from ralis_gym.regions import RegionGrid
+from ralis_gym.fileio import atomic_write, sha256_file, unique_temporary
+from ralis_gym.methods import HEURISTICS
+from ralis_gym.regions import RegionGrid, check_tiling
 
 SCHEMA_VERSION = 1
 DB_FILE = "project.db"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: acquisition strategies of ``suggest`` (``ralis`` needs a trained policy)
-STRATEGIES = ("entropy", "margin", "bald", "class_balance", "random", "ralis")
+STRATEGIES = (*HEURISTICS, "ralis")
 #: keys read from a dataset YAML (a custom-dataset YAML's other keys are accepted and ignored)
 CONFIG_KEYS = ("name", "class_names", "ignore_index", "image_size", "region_size", "palette")
 OTHER_DATASET_KEYS = ("images_dir", "masks_dir", "splits", "split_seed", "split_fractions")
@@ -95,14 +94,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_label_config(path: str | os.PathLike) -> dict[str, Any]:
     """Class names, ignore id, image size, region size (and name, palette) from a dataset YAML.
 
@@ -110,11 +101,7 @@ def load_label_config(path: str | os.PathLike) -> dict[str, Any]:
     needed here and are ignored. Unknown keys are refused with the list of valid ones.
     """
     raw = load_yaml(path)
-    unknown = [k for k in raw if k not in CONFIG_KEYS + OTHER_DATASET_KEYS]
-    if unknown:
-        raise ConfigError(
-            f"dataset config {path}: unknown key(s) {unknown}; valid keys: {', '.join(CONFIG_KEYS)}"
-        )
+    check_keys(raw, CONFIG_KEYS + OTHER_DATASET_KEYS, f"dataset config {path}")
     return {k: raw[k] for k in CONFIG_KEYS if k in raw}
 
 
@@ -140,7 +127,7 @@ def _info_from(config: dict[str, Any], first_image_size: tuple[int, int], where:
 
     image_size = size("image_size", first_image_size)
     region_size = size("region_size", None)
-    check_region_tiling(image_size, region_size, where)
+    check_tiling(image_size, region_size, where)
     palette = tuple(tuple(int(c) for c in rgb) for rgb in config.get("palette", ()) or ())
     return DatasetInfo(
         str(config.get("name", "project")), tuple(names), int(ignore), image_size, region_size, palette
@@ -202,7 +189,7 @@ class LabelingProject:
             raise ProjectError(f"{folder} is already a labeling project; open it or pick another folder")
         if not images.is_dir():
             raise ProjectError(f"images folder {images} does not exist")
-        paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = image_files(images)
         if not paths:
             raise ProjectError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
         if config is None:
@@ -224,7 +211,7 @@ class LabelingProject:
         if start is not None and not Path(start).is_file():
             raise ProjectError(f"start checkpoint {start} does not exist")
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{DB_FILE}.{os.getpid()}.tmp"
+        tmp = unique_temporary(folder / DB_FILE)
         db = sqlite3.connect(tmp)
         try:
             with db:
@@ -240,11 +227,15 @@ class LabelingProject:
                 }  # fmt: skip
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
                 db.executemany(
-                    "INSERT INTO images (name, sha256) VALUES (?, ?)", [(p.name, _sha256(p)) for p in paths]
+                    "INSERT INTO images (name, sha256) VALUES (?, ?)",
+                    [(p.name, sha256_file(p)) for p in paths],
                 )
-        finally:
             db.close()
-        os.replace(tmp, folder / DB_FILE)  # the project exists only once it is complete
+            os.replace(tmp, folder / DB_FILE)  # the project exists only once it is complete
+        except BaseException:
+            db.close()
+            tmp.unlink(missing_ok=True)
+            raise
         return cls(folder, device=device)
 
     def close(self) -> None:
@@ -687,8 +678,8 @@ class LabelingProject:
 def _sha256_source(source: Path) -> str:
     """Content hash of an import: the file, or every file of a folder (names and bytes)."""
     if source.is_file():
-        return _sha256(source)
+        return sha256_file(source)
     h = hashlib.sha256()
     for p in sorted(q for q in source.rglob("*") if q.is_file()):
-        h.update(p.relative_to(source).as_posix().encode() + b"\0" + _sha256(p).encode())
+        h.update(p.relative_to(source).as_posix().encode() + b"\0" + sha256_file(p).encode())
     return h.hexdigest()

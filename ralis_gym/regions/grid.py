@@ -1,4 +1,6 @@
-"""Grid tiling of images into fixed-size rectangular regions (spec §2).
+"""Grid tiling of images into fixed-size rectangular regions, as in the RALIS reference code
+(https://github.com/ArantxaCasanova/ralis): every image is cut into ``rows x cols`` equal regions,
+the unit that is labeled (CamVid 80x90 pixels, 24 per image; Cityscapes 128x128, 128 per image).
 
 A region is identified within a split by one integer ``region_id = image * per_image + local`` with
 ``local = col * rows + row``: the x-major order of the reference code's state set
@@ -14,26 +16,33 @@ import numpy as np
 from ralis_gym.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class RegionGrid:
-    """Exact tiling of a ``width x height`` image by ``region_w x region_h`` regions.
+def check_tiling(image_size: tuple[int, int], region_size: tuple[int, int], where: str = "") -> None:
+    """Raise ``ConfigError`` unless ``region_size`` (w, h) tiles ``image_size`` (w, h) exactly.
 
     A region size that does not divide the image size is rejected (no remainder policy): silently
-    dropping border pixels would make them unlabelable.
+    dropping border pixels would make them unlabelable. ``where`` (e.g. a config file) starts the
+    message.
     """
+    (w, h), (rw, rh) = image_size, region_size
+    at = f"{where}: " if where else ""
+    if min(w, h, rw, rh) <= 0:
+        raise ConfigError(f"{at}image size {w}x{h} and region size {rw}x{rh} (WxH) must be positive")
+    if w % rw or h % rh:
+        raise ConfigError(
+            f"{at}region size {rw}x{rh} does not tile image size {w}x{h} (WxH) exactly "
+            f"({w} % {rw} = {w % rw}, {h} % {rh} = {h % rh}); pick a region size that divides both"
+        )
+
+
+@dataclass(frozen=True)
+class RegionGrid:
+    """Exact tiling of a ``width x height`` image by ``region_w x region_h`` regions (``check_tiling``)."""
 
     image_size: tuple[int, int]  # (width, height)
     region_size: tuple[int, int]  # (width, height)
 
     def __post_init__(self) -> None:
-        (w, h), (rw, rh) = self.image_size, self.region_size
-        if rw <= 0 or rh <= 0 or w <= 0 or h <= 0:
-            raise ConfigError(f"region size {rw}x{rh} and image size {w}x{h} must be positive")
-        if w % rw or h % rh:
-            raise ConfigError(
-                f"region size {rw}x{rh} (WxH) does not tile images of {w}x{h}: {w} % {rw} = {w % rw}, "
-                f"{h} % {rh} = {h % rh}; choose a region size that divides the image size"
-            )
+        check_tiling(self.image_size, self.region_size)
 
     @property
     def cols(self) -> int:

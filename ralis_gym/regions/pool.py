@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ralis_gym.errors import ConfigError
 from ralis_gym.regions.grid import RegionGrid
 
 
@@ -134,9 +135,10 @@ class RegionPool:
 
     # --- sampling ------------------------------------------------------------------------------
     def sample_pools(self, num_pools: int, pool_size: int, rng: np.random.Generator) -> CandidatePools:
-        """Draw ``K = num_pools`` disjoint pools of ``N = pool_size`` unlabeled regions (spec §3.2).
+        """Draw ``K = num_pools`` disjoint pools of ``N = pool_size`` unlabeled regions.
 
-        Same distribution as the reference code, vectorized: images are drawn without replacement
+        Same distribution as the reference code's ``get_candidates`` + ``get_region_candidates``
+        (https://github.com/ArantxaCasanova/ralis), vectorized: images are drawn without replacement
         until they hold more than K*N unlabeled regions; then regions are drawn one by one by picking
         a uniform image among those with regions left and a uniform unlabeled region of it. That
         sequential process equals merging, by time, per-image streams whose inter-arrival times are
@@ -146,7 +148,7 @@ class RegionPool:
         over the pools, so a pool is empty only when fewer than K regions remain.
         """
         if num_pools <= 0 or pool_size <= 0:
-            raise ValueError(f"num_pools and pool_size must be positive, got {num_pools} and {pool_size}")
+            raise ConfigError(f"num_pools and pool_size must be positive, got {num_pools} and {pool_size}")
         total = num_pools * pool_size
         order = rng.permutation(self.num_images)
         counts = self.unlabeled_per_image[order]

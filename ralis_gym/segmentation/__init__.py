@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ralis_gym.data.base import DatasetInfo
-from ralis_gym.segmentation.base import Segmenter, pixel_entropy, resolve_device
+from ralis_gym.segmentation.base import Segmenter, resolve_device
 from ralis_gym.segmentation.metrics import SegmentationMetrics, confusion_matrix
 
 MODEL_KINDS = ("fast", "paper")
@@ -36,6 +36,5 @@ __all__ = [
     "Segmenter",
     "build_segmenter",
     "confusion_matrix",
-    "pixel_entropy",
     "resolve_device",
 ]

@@ -6,7 +6,8 @@ between the FPN-ResNet-50 of the paper and the CPU-friendly fast model is one ar
 Training data is described by region anchors rather than by pixel crops: ``fit_regions`` gets the
 split, the regions to anchor training samples on and the boolean ``[images, rows, cols]`` mask of
 every labeled region. The target of an anchor's image is its ground truth inside labeled regions and
-the ignore id elsewhere (spec §2), so the loss is masked to labeled pixels.
+the ignore id elsewhere, as in the RALIS reference code (https://github.com/ArantxaCasanova/ralis),
+so the loss is masked to labeled pixels.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from ralis_gym.data.base import DatasetInfo, SegmentationSplit
 from ralis_gym.features.regions import class_argmax, entropy_map
 from ralis_gym.regions.grid import RegionGrid
 from ralis_gym.segmentation.metrics import SegmentationMetrics, cell_histograms, confusion_matrix
-from ralis_gym.segmentation.uncertainty import pixel_entropy  # noqa: F401  (re-exported)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,7 +67,7 @@ class Segmenter(ABC):
     ) -> torch.Tensor:
         """Class scores ``[B, C, H / s, W / s]`` float32 on ``self.device`` (eval mode, no grad),
         ``s = native_stride``. ``dropout=True`` applies the MC-dropout layer before the classifier
-        (BALD, spec §7)."""
+        (for BALD's stochastic passes)."""
 
     def _mc_logits(self, split: SegmentationSplit, indices: np.ndarray, passes: int) -> torch.Tensor:
         """``[T, B, C, h, w]`` logits of ``passes`` MC-dropout passes. Models whose dropout sits after
@@ -201,7 +201,7 @@ class Segmenter(ABC):
         self, split: SegmentationSplit, indices: np.ndarray, native_prediction: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Arg-max ``[B, H, W]`` and entropy ``[B, H, W]`` maps at full resolution (the inputs of the
-        spec §4 region features), computed on the native grid and then expanded: the same numbers as
+        state and candidate region features), computed on the native grid and then expanded: the same numbers as
         from the upsampled softmax without building the ``[B, C, H, W]`` tensor. With
         ``native_prediction`` the arg-max map stays on the native grid (``native_stride`` px a cell)."""
         preds, ents = [], []

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ralis_gym.data.base import SegmentationSplit
+from ralis_gym.errors import ConfigError
 from ralis_gym.fileio import atomic_write, file_lock
 from ralis_gym.paths import user_cache_dir
 
@@ -73,17 +74,17 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.stride <= 0:
-            raise ValueError(f"stride must be positive, got {self.stride}")
+            raise ConfigError(f"stride must be positive, got {self.stride}")
         if not self.gradient_sigmas:
-            raise ValueError("gradient_sigmas must not be empty (the max-gradient feature uses the first)")
+            raise ConfigError("gradient_sigmas must not be empty (the max-gradient feature uses the first)")
         if any(k <= 0 or k % 2 == 0 for k in self.context_sizes):
-            raise ValueError(f"context sizes must be odd positive cell counts, got {self.context_sizes}")
+            raise ConfigError(f"context sizes must be odd positive cell counts, got {self.context_sizes}")
         if self.offset_context < 0 or (self.offset_context and self.offset_context % 2 == 0):
-            raise ValueError(
+            raise ConfigError(
                 f"offset_context must be 0 (off) or an odd cell count, got {self.offset_context}"
             )
         if self.orientations < 2 or self.lightness_bins < 2 or self.hue_bins < 2:
-            raise ValueError("orientations, lightness_bins and hue_bins must be at least 2")
+            raise ConfigError("orientations, lightness_bins and hue_bins must be at least 2")
 
     @property
     def key(self) -> str:
@@ -189,7 +190,7 @@ class CellEncoder:
         width, height = image_size
         s = self.config.stride
         if width % s or height % s:
-            raise ValueError(f"stride {s} does not divide the image size {width}x{height}")
+            raise ConfigError(f"stride {s} does not divide the image size {width}x{height}")
         return height // s, width // s
 
     def flip_permutation(self) -> torch.Tensor:

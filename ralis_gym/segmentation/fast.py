@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ralis_gym.data.base import DatasetInfo, SegmentationSplit
+from ralis_gym.errors import ConfigError
 from ralis_gym.segmentation.base import Segmenter
 from ralis_gym.segmentation.encoder import (
     CellEncoder,
@@ -258,7 +259,7 @@ def class_weights_from_counts(counts: np.ndarray | torch.Tensor, scheme: str) ->
     if scheme == "none" or counts_t.sum() <= 0:
         return torch.ones(counts_t.numel(), dtype=torch.float32)
     if scheme not in CLASS_WEIGHTINGS:
-        raise ValueError(f"unknown class weighting {scheme!r}; choose one of {CLASS_WEIGHTINGS}")
+        raise ConfigError(f"unknown class weighting {scheme!r}; choose one of {CLASS_WEIGHTINGS}")
     present = counts_t > 0
     freq = counts_t / counts_t.sum()
     weights = torch.ones_like(freq)
@@ -267,6 +268,14 @@ def class_weights_from_counts(counts: np.ndarray | torch.Tensor, scheme: str) ->
     if scheme == "sqrt_median":
         weights = weights.sqrt()
     return weights.float()
+
+
+def cell_cross_entropy(logits: torch.Tensor, hist: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The training loss: class-weighted per-pixel cross-entropy over the labeled pixels, computed on
+    the cell grid (module doc). ``logits`` ``[B, cells, C]``, ``hist`` the cells' labeled-pixel class
+    counts ``[B, cells, C]`` (zero in unlabeled cells), ``weights`` ``[C]``; mean over weighted pixels."""
+    target = hist * weights
+    return -(target * F.log_softmax(logits, dim=-1)).sum() / target.sum().clamp_min(1e-12)
 
 
 #: the head of the fast model before v2 (a per-cell MLP): ``FastSegmenter(**MLP_HEAD)``
@@ -333,23 +342,25 @@ class FastSegmenter(Segmenter):
         if encoder is None:
             encoder = EncoderConfig(stride=stride or default_stride(info.region_size))
         if stride is not None and stride != encoder.stride:
-            raise ValueError(f"stride {stride} differs from the encoder stride {encoder.stride}")
+            raise ConfigError(f"stride {stride} differs from the encoder stride {encoder.stride}")
         s = encoder.stride
         rw, rh = info.region_size
         if rw % s or rh % s:
-            raise ValueError(
+            raise ConfigError(
                 f"stride {s} must divide the region size {rw}x{rh} so that every cell lies in one region"
             )
         if class_weighting not in CLASS_WEIGHTINGS:
-            raise ValueError(f"unknown class weighting {class_weighting!r}; choose one of {CLASS_WEIGHTINGS}")
+            raise ConfigError(
+                f"unknown class weighting {class_weighting!r}; choose one of {CLASS_WEIGHTINGS}"
+            )
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+            raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+            raise ConfigError(f"dropout must lie in [0, 1), got {dropout}")
         if width <= 0 or batch_size <= 0 or eval_batch_size <= 0:
-            raise ValueError("width, batch_size and eval_batch_size must be positive")
+            raise ConfigError("width, batch_size and eval_batch_size must be positive")
         if any(int(d) < 0 for d in dilations):
-            raise ValueError(f"dilations must be >= 0 (0 = a 1x1 block), got {tuple(dilations)}")
+            raise ConfigError(f"dilations must be >= 0 (0 = a 1x1 block), got {tuple(dilations)}")
         self.stride = self.native_stride = s
         self.width, self.dilations = int(width), tuple(int(d) for d in dilations)
         self.separable, self.norm, self.optimizer_name = bool(separable), bool(norm), optimizer
@@ -415,18 +426,20 @@ class FastSegmenter(Segmenter):
 
     def load_model_state(self, state: dict[str, Any]) -> None:
         if state.get("kind", self.kind) != self.kind:
-            raise ValueError(f"state of a {state.get('kind')!r} model cannot load into a {self.kind!r} model")
+            raise ConfigError(
+                f"state of a {state.get('kind')!r} model cannot load into a {self.kind!r} model"
+            )
         saved = state.get("config", {})
         arch = {k: saved.get(k, v) for k, v in self._architecture().items()}
         arch["dilations"] = list(arch["dilations"])
         if arch != self._architecture():
-            raise ValueError(
+            raise ConfigError(
                 f"state has a head {arch} but this segmenter has {self._architecture()}; "
                 "build it with FastSegmenter.from_state"
             )
         key = state.get("encoder_key")
         if key is not None and key != self.encoder.config.key:
-            raise ValueError(
+            raise ConfigError(
                 f"state was trained on encoder features {key} but this segmenter uses "
                 f"{self.encoder.config.key}; build it with FastSegmenter.from_state"
             )
@@ -491,7 +504,7 @@ class FastSegmenter(Segmenter):
 
     def _check_split(self, split: SegmentationSplit) -> None:
         if tuple(split.info.image_size) != tuple(self.info.image_size):
-            raise ValueError(
+            raise ConfigError(
                 f"split {split.name!r} has images of {split.info.image_size} but this segmenter was built "
                 f"for {self.info.image_size}"
             )
@@ -652,8 +665,7 @@ class FastSegmenter(Segmenter):
         if self.train_dropout and self.dropout > 0:
             drop = self._drop_mask(tuple(h.shape))
         logits = self.head.classify(h, drop).flatten(2).transpose(1, 2)  # [B, cells, C]
-        target = y * weights
-        loss = -(target * F.log_softmax(logits, dim=-1)).sum() / target.sum().clamp_min(1e-12)
+        loss = cell_cross_entropy(logits, y, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
@@ -766,16 +778,3 @@ class FastSegmenter(Segmenter):
         a = self._cell_logit_gradient(split, idx, logits)
         maps = (a * dlogits.flatten(2).transpose(1, 2)).sum(-1) / float(self.stride**2)
         return maps.view(idx.size, self.rows, self.cols)
-
-    def pixel_loss(self, split: SegmentationSplit, indices: np.ndarray, labeled: np.ndarray) -> float:
-        """Weighted cross-entropy over the labeled pixels of some images (eval mode, for checks).
-
-        Uses the cell-histogram identity, like training, but over whole images.
-        """
-        idx = np.asarray(indices, dtype=np.int64)
-        with torch.no_grad():
-            logp = torch.log_softmax(self.native_logits(split, idx), dim=1).flatten(2).transpose(1, 2)
-            mask = self._cell_mask(np.asarray(labeled, dtype=bool)[idx]).to(self.device)
-            y = self.targets(split)[torch.from_numpy(idx)].to(self.device, torch.float32) * mask.unsqueeze(-1)
-            target = y * self.head.class_weights
-            return float(-(target * logp).sum() / target.sum().clamp_min(1e-12))

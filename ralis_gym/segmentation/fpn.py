@@ -1,6 +1,7 @@
-"""The paper's segmentation network: ResNet-50 bottom-up + FPN top-down head (spec §9), plain torch.
+"""The paper's segmentation network: ResNet-50 bottom-up + FPN top-down head, plain torch.
 
-Layout (spec §9, CODE models/fpn.py of the reference, itself adapted from kuangliu/pytorch-fpn):
+Layout of ``models/fpn.py`` of the RALIS reference code (https://github.com/ArantxaCasanova/ralis),
+itself adapted from kuangliu/pytorch-fpn:
 
 * bottom-up: ResNet-50 (conv1 7x7/2, BN, ReLU, maxpool 3x3/2, layer1..4 = [3, 4, 6, 3] bottlenecks,
   stride 2 on the 3x3 conv of the first block of layer2..4, 1x1 conv + BN downsample). Module names
@@ -22,7 +23,7 @@ p2. The last upsampling goes to the INPUT size rather than ``x4``: for sizes div
 the same op (align_corners=True interpolation only depends on the input and output sizes), and for
 other sizes the output still matches the labels. So 360x480, 224x224 and 1024x2048 all work.
 
-Parameters (DERIVED in the spec from these constants, checked by the tests): 28,526,027 for 11
+Parameters (derived from these constants, checked by the tests): 28,526,027 for 11
 classes and 28,562,899 for 19 (ResNet-50 without its fc: 23,508,032; FPN head: 4,967,296 + the
 classifier 4,608 * C + C).
 """
@@ -38,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ralis_gym.errors import ConfigError
+
 #: ResNet-50 stage depths (Bottleneck blocks per layer)
 RESNET50_LAYERS = (3, 4, 6, 3)
-#: dropout probability of the MC-dropout layer used for BALD (reference ``nn.Dropout()``, spec §7)
+#: dropout probability of the MC-dropout layer used for BALD (the reference's ``nn.Dropout()``)
 MC_DROPOUT_P = 0.5
 #: channels of the concatenated FPN feature map the classifier (and MC dropout) sees
 FPN_FEATURES = 512
@@ -138,11 +141,11 @@ class UpsampleCrop(nn.Module):
 
 
 class FPNResNet50(nn.Module):
-    """FPN on a ResNet-50 (spec §9); ``forward`` returns logits ``[B, C, H, W]`` at input size.
+    """FPN on a ResNet-50; ``forward`` returns logits ``[B, C, H, W]`` at input size.
 
     ``forward(x, dropout_generator=g)`` applies element-wise dropout (p = ``MC_DROPOUT_P``, scaled
     by 1/(1-p) like ``nn.Dropout``) to the 512-channel concat before the classifier, with the mask
-    drawn from ``g``. That is the reference's ``FPN50_bayesian`` with ``bayesian=True`` (spec §7);
+    drawn from ``g``. That is the reference's ``FPN50_bayesian`` with ``bayesian=True``;
     without a generator there is no dropout, so training and plain inference equal ``FPN50``.
     """
 
@@ -244,11 +247,6 @@ def build_fpn(
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Trainable + frozen parameters (not BN running statistics)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _backbone_state_keys(model: FPNResNet50) -> dict[str, torch.Tensor]:
     return dict(model.backbone.state_dict())
 
@@ -261,7 +259,7 @@ def load_imagenet_backbone(model: FPNResNet50, path: str | os.PathLike[str]) -> 
     DataParallel) is stripped. ``fc.*`` is ignored, and ``num_batches_tracked`` buffers are optional
     (old torchvision files lack them). Returns the list of backbone keys loaded.
 
-    Raises ``FileNotFoundError`` if the file is missing and ``ValueError`` naming the missing,
+    Raises ``FileNotFoundError`` if the file is missing and ``ConfigError`` naming the missing,
     unexpected or wrongly shaped keys, so a wrong file (ResNet-101, a segmentation checkpoint) fails
     loudly instead of half-loading.
     """
@@ -287,7 +285,7 @@ def load_imagenet_backbone(model: FPNResNet50, path: str | os.PathLike[str]) -> 
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
     if problems:
-        raise ValueError(f"{file} is not a torchvision-format ResNet-50 state dict: " + "; ".join(problems))
+        raise ConfigError(f"{file} is not a torchvision-format ResNet-50 state dict: " + "; ".join(problems))
     with torch.no_grad():
         for k, v in given.items():
             target = own[k]
@@ -303,5 +301,5 @@ def _unwrap_state(raw: object, file: Path) -> Mapping[str, torch.Tensor]:
                 raw = inner
                 break
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise ValueError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+        raise ConfigError(f"{file} does not hold a state dict (a mapping of names to tensors)")
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in raw.items()}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ralis_gym.data.base import SegmentationSplit
+from ralis_gym.errors import ConfigError
 
 
 def confusion_matrix(
@@ -122,9 +123,9 @@ def cell_histograms(split: SegmentationSplit, stride: int, chunk: int = 16) -> t
     width, height = info.image_size
     rows, cols, c = height // stride, width // stride, info.num_classes
     if stride * rows != height or stride * cols != width:
-        raise ValueError(f"stride {stride} does not divide the image size {width}x{height}")
+        raise ConfigError(f"stride {stride} does not divide the image size {width}x{height}")
     if stride * stride > np.iinfo(np.int16).max:
-        raise ValueError(f"stride {stride} is too large for int16 cell histograms")
+        raise ConfigError(f"stride {stride} is too large for int16 cell histograms")
     out = torch.empty((len(split), rows * cols, c), dtype=torch.int16)
     lut = np.full(256, c, dtype=np.int64)  # every non-class id (the ignore id) goes to a dropped bin
     lut[:c] = np.arange(c)

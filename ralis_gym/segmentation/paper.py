@@ -1,4 +1,5 @@
-"""The paper's segmenter: FPN-ResNet-50 trained on region-anchored crops (spec §2, §3.3, §7, §9).
+"""The paper's segmenter: FPN-ResNet-50 trained on region-anchored crops, as in the RALIS reference
+code (https://github.com/ArantxaCasanova/ralis: ``models/fpn.py``, ``models/fpn_bayesian.py``).
 
 Training samples follow the reference ``RandomCropRegion``: for every anchor region a crop of
 ``crop_size`` (h, w) is drawn whose top-left corner is uniform over the inclusive ranges
@@ -24,15 +25,16 @@ import torch
 from torch import nn
 
 from ralis_gym.data.base import DatasetInfo, SegmentationSplit
+from ralis_gym.errors import ConfigError
 from ralis_gym.regions.grid import RegionGrid
 from ralis_gym.segmentation.base import Segmenter
 from ralis_gym.segmentation.fpn import RESNET50_LAYERS, FPNResNet50, build_fpn, load_imagenet_backbone
 
-#: ImageNet normalisation applied after scaling to [0, 1] (spec §1.2)
+#: ImageNet normalisation applied after scaling to [0, 1] (the reference's input transform)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: optimiser constants of the reference (spec §3.3, §9)
+#: optimiser constants of the reference: SGD momentum and weight decay, grad-norm clip, lr decay per step
 MOMENTUM = 0.95
 WEIGHT_DECAY = 1e-4
 GRAD_CLIP_NORM = 4.0
@@ -72,7 +74,7 @@ def clamp_crop(image_hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[int
 def region_crop_offsets(
     boxes: np.ndarray, image_hw: tuple[int, int], crop_hw: tuple[int, int], generator: torch.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-left corners of crops holding each region's centre (spec §2 formula, inclusive).
+    """Top-left corners of crops holding each region's centre (the module doc's inclusive ranges).
 
     ``boxes`` are ``RegionGrid.boxes`` rows (image, x, y, w, h). Draws rows first, then columns.
     """
@@ -140,7 +142,7 @@ def sample_region_crops(
     generator: torch.Generator,
     ignore_index: int,
 ) -> CropBatch:
-    """One training crop per anchor region: position (spec §2), flip p=0.5, target masked to labeled."""
+    """One training crop per anchor region: position (module doc), flip p=0.5, target masked to labeled."""
     boxes = grid.boxes(np.asarray(anchors, dtype=np.int64))
     image_hw = (split.images.shape[1], split.images.shape[2])
     top, left = region_crop_offsets(boxes, image_hw, crop_hw, generator)
@@ -178,7 +180,7 @@ def normalise_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class PaperSegmenter(Segmenter):
-    """FPN-ResNet-50 with the reference's training recipe (spec §3.3, §9).
+    """FPN-ResNet-50 with the reference's training recipe.
 
     * ``fit_regions``: one crop per anchor (shuffled each epoch), batches of ``batch_size``,
       CrossEntropyLoss(ignore_index), SGD(lr, momentum 0.95, weight decay 1e-4), grad-norm clip 4,
@@ -215,9 +217,9 @@ class PaperSegmenter(Segmenter):
     ) -> None:
         super().__init__(info, device=device, seed=seed)
         if batch_size <= 0 or eval_batch_size <= 0:
-            raise ValueError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+            raise ConfigError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
         if len(crop_size) != 2 or min(crop_size) <= 0:
-            raise ValueError(f"crop_size must be (height, width) > 0, got {crop_size}")
+            raise ConfigError(f"crop_size must be (height, width) > 0, got {crop_size}")
         self.lr = lr
         self.batch_size = batch_size
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
@@ -250,10 +252,6 @@ class PaperSegmenter(Segmenter):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
-
-    @property
-    def current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
     def config(self) -> dict[str, Any]:
         return {

@@ -239,3 +239,40 @@ def pretrain_start_network(
         atomic_write(path, lambda f: torch.save({"model_state": seg.model_state(), "meta": meta}, f))
     seg.reset_optimizer()
     return seg, meta
+
+
+def load_start_network(
+    dataset: SegmentationDataset, kind: str, name: str, *, device: str = "auto", seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None, **pretrain: Any,
+) -> tuple[Segmenter, dict[str, Any], SegmentationSplit | None]:  # fmt: skip
+    """The start network an episode begins from, by name or checkpoint path, with a fresh optimiser.
+
+    ``name`` is one of ``START_NETWORKS`` (pretrained with ``pretrain_start_network`` the first time,
+    then loaded from the cache; ``pretrain`` holds that function's ``max_epochs``, ``patience``,
+    ``progress``), ``"scratch"`` (random weights from ``seed``) or the path of a ``.pt``
+    file holding ``{"model_state": ...}`` (or the state itself). Returns the segmenter, its metadata
+    and the labeled images it was trained on (``union_split`` of ``start_data_roles``; ``None`` for
+    scratch and files, whose training data is unknown).
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if name in START_NETWORKS:
+        seg, meta = pretrain_start_network(
+            dataset, kind, name, device=device, seed=seed, model_kwargs=model_kwargs, **pretrain
+        )
+        start_data = union_split(dataset, start_data_roles(name))
+    elif name == "scratch":
+        seg = build_segmenter(kind, dataset.info, device=device, seed=seed, **model_kwargs)
+        meta, start_data = {"name": "scratch"}, None
+    else:
+        path = Path(str(name)).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"start_network {name!r} is neither one of {sorted(START_NETWORKS) + ['scratch']} nor an existing "
+                "checkpoint file"
+            )
+        seg = build_segmenter(kind, dataset.info, device=device, seed=seed, **model_kwargs)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        seg.load_model_state(ckpt.get("model_state", ckpt))
+        meta, start_data = {"name": str(path)}, None
+    seg.reset_optimizer()  # every episode starts with a fresh optimiser and schedule
+    return seg, meta, start_data
