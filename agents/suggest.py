@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ralis_gym.data.base import IMAGE_SUFFIXES, DatasetInfo, SegmentationSplit, image_files, read_image
-from ralis_gym.errors import DatasetError
+from ralis_gym.errors import ConfigError, DatasetError
 from ralis_gym.features import observation
 from ralis_gym.regions import CandidatePools, RegionGrid
 from ralis_gym.segmentation.base import Segmenter
@@ -58,6 +58,13 @@ def rank_regions(
     ids = np.arange(len(unlabeled) * grid.per_image)
     pools = CandidatePools(ids[None], np.ones((1, ids.size), dtype=bool))
     obs = observation(segmenter, unlabeled, state, grid, pools, labeled_dists)
+    expected = getattr(q_net, "candidate_dim", obs["candidates"].shape[-1])
+    if expected != obs["candidates"].shape[-1]:
+        raise ConfigError(
+            f"the policy expects {expected} features per candidate, the reference features are "
+            f"{obs['candidates'].shape[-1]}: it was trained with the env's score_features, which ranking "
+            "a folder does not compute; use a policy trained without them"
+        )
     device = next(q_net.parameters()).device
     q_net.eval()
     cands, state_vec = (torch.from_numpy(obs[k]).to(device) for k in ("candidates", "state"))

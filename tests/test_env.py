@@ -362,3 +362,23 @@ def test_a_dataset_without_a_reference_protocol_must_set_pools_and_budget(tmp_pa
         RegionALEnv(dataset=str(path), model="fast", start_network="scratch", num_pools=2, regions_per_pool=3)
     with pytest.raises(ConfigError, match="num_pools must be a positive whole number"):
         RegionALEnv(dataset=str(path), model="fast", num_pools=0, regions_per_pool=3, budget=4)
+
+
+def test_rank_regions_serves_the_training_features_and_refuses_other_policies(fast_env):
+    """``agents.suggest.rank_regions`` scores every region of a split with the env's observation;
+    a policy trained with ``score_features`` (a wider candidate vector) is refused in one line."""
+    from agents.policies import RalisQNetwork
+    from agents.suggest import rank_regions
+
+    env = fast_env
+    ds = region_vector_dim(env.info_.num_classes)
+    m = env.observation_space["state"].shape[0]
+    images = env.pool_split.subset(np.arange(2), name="two")
+    queue = rank_regions(RalisQNetwork(m, ds, ds), env.segmenter, images, env.state_split)
+    assert len(queue) == 2 * env.grid.per_image and [q["rank"] for q in queue] == list(
+        range(1, len(queue) + 1)
+    )
+    scores = [q["score"] for q in queue]
+    assert np.isfinite(scores).all() and scores == sorted(scores, reverse=True)
+    with pytest.raises(ConfigError, match="score_features"):
+        rank_regions(RalisQNetwork(m, ds, ds + 2), env.segmenter, images, env.state_split)
