@@ -534,8 +534,8 @@ class RalisDQN(DQN):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         losses, q_means = [], []
+        additive = self.q_target == "sum"
         for _ in range(gradient_steps):
-            additive = self.q_target == "sum"
             if additive:
                 data = self.replay_buffer.sample_steps(batch_size)
                 # Every transition of a step carries the step's reward: one copy per step.

@@ -129,7 +129,7 @@ def test_observation_features_follow_the_spec(fast_env):
     assert obs in env.observation_space
 
 
-def test_info_contents_and_masked_actions(fast_env):
+def test_info_contents_and_masked_actions(fast_env, monkeypatch):
     env = fast_env
     _, info = env.reset(seed=1)
     assert set(info) >= {
@@ -149,7 +149,7 @@ def test_info_contents_and_masked_actions(fast_env):
     assert np.isfinite(reward)
     # Force a masked slot: label all but this step's K picks and 2 more regions behind the env's back, then
     # let the real step label the picks: the next pools (the step's transition) hold the last 2 regions.
-    budget, env.budget = env.budget, env.pool.num_regions  # the module's env: put back below
+    monkeypatch.setattr(env, "budget", env.pool.num_regions)  # the module's env: undone after the test
     pool = env.pool
     free = np.flatnonzero(~pool.labeled.reshape(-1))
     ids = env.grid.make_ids(*np.unravel_index(free, pool.labeled.shape))
@@ -165,7 +165,6 @@ def test_info_contents_and_masked_actions(fast_env):
     action[k] = empty
     with pytest.raises(ValueError, match=f"pool {k}.*masked"):
         env.step(action)
-    env.budget = budget
 
 
 def test_bad_config_key_and_values_raise_clear_errors(camvid_root):
